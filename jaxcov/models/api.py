@@ -1,0 +1,95 @@
+"""The public model API: load or create a sharded model, and score token ids with it.
+
+    model = jaxcov.load_model("smollm2-135m-instruct")          # or an HF dir / .gguf file
+    logits = model.logits(tokens_bt, mask_bt)                   # [B, T, V] fp32
+    logp_bt, entropy_bt = model.logprobs(tokens_bt, mask_bt)    # chunked over the sequence
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from jaxcov.config import MeshConfig
+from jaxcov.models import llama
+from jaxcov.models.llama import LlamaConfig, Params, is_spec, param_specs
+from jaxcov.models.loading import load_checkpoint
+from jaxcov.models.logprobs import token_logprobs
+from jaxcov.models.registry import load_tokenizer, resolve_model_source
+from jaxcov.sharding import make_mesh, named_sharding
+
+
+def param_shardings(cfg: LlamaConfig, mesh: Mesh):
+    """The NamedSharding of every parameter, from the logical axes and the rules table."""
+    return jax.tree.map(lambda s: named_sharding(mesh, s.axes, s.shape), param_specs(cfg),
+                        is_leaf=is_spec)
+
+
+def abstract_params(cfg: LlamaConfig, mesh: Mesh, dtype=jnp.float32):
+    """ShapeDtypeStructs (with shardings) of the parameters: nothing is allocated."""
+    shapes = jax.eval_shape(functools.partial(llama.init_params, cfg, dtype=dtype),
+                            jax.random.key(0))
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        shapes, param_shardings(cfg, mesh))
+
+
+def init_params(cfg: LlamaConfig, key: jax.Array, mesh: Mesh, dtype=jnp.float32) -> Params:
+    """Random parameters created directly in their shardings (no host or single-device copy)."""
+    init = jax.jit(functools.partial(llama.init_params, cfg, dtype=dtype),
+                   out_shardings=param_shardings(cfg, mesh))
+    return init(key)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "mesh"))
+def _logits(params, tokens_bt, mask_bt, cfg, mesh):
+    return llama.forward(params, cfg, tokens_bt, mask_bt, mesh=mesh)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "mesh", "chunk"))
+def _logprobs(params, tokens_bt, mask_bt, cfg, mesh, chunk):
+    return token_logprobs(params, cfg, tokens_bt, mask_bt, mesh=mesh, chunk=chunk)
+
+
+@dataclasses.dataclass
+class Model:
+    """A model's architecture, sharded parameters, mesh and (optionally) tokenizer."""
+
+    config: LlamaConfig
+    params: Params
+    mesh: Mesh
+    tokenizer: Any = None
+
+    def logits(self, tokens_bt, attention_mask_bt) -> jax.Array:
+        """fp32 logits [B, T, V]; positions count only unmasked tokens (left padding is fine)."""
+        return _logits(self.params, jnp.asarray(tokens_bt), jnp.asarray(attention_mask_bt),
+                       self.config, self.mesh)
+
+    def logprobs(self, tokens_bt, attention_mask_bt, chunk: int = 128):
+        """(logp_bt, entropy_bt): log-prob of each token given its prefix, and the entropy of
+        the distribution it was drawn from; index 0 is 0. Full logits never materialise."""
+        return _logprobs(self.params, jnp.asarray(tokens_bt), jnp.asarray(attention_mask_bt),
+                         self.config, self.mesh, chunk)
+
+
+def load_model(source: str = "smollm2-135m-instruct", mesh: Optional[Mesh] = None,
+               dtype: str = "float32", compute_dtype: Optional[str] = None,
+               remat: str = "full", with_tokenizer: bool = True) -> Model:
+    """Loads a registered name, HF directory or GGUF file into sharded parameters.
+
+    Args:
+      source: `smollm2-135m-instruct`, a directory with config.json + safetensors, or a .gguf.
+      mesh: device mesh; default all devices on the data axis.
+      dtype: parameter dtype; compute_dtype: matmul/activation dtype (default: dtype).
+      remat: rematerialisation policy of each layer (none | full | dots | dots_no_batch).
+    """
+    kind, path = resolve_model_source(source)
+    mesh = mesh if mesh is not None else make_mesh(MeshConfig())
+    cfg, params = load_checkpoint(kind, path, mesh, dtype=jnp.dtype(dtype),
+                                  compute_dtype=compute_dtype or dtype, remat=remat)
+    tokenizer = load_tokenizer(source) if with_tokenizer else None
+    return Model(config=cfg, params=params, mesh=mesh, tokenizer=tokenizer)
