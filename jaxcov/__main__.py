@@ -1,0 +1,5 @@
+import sys
+
+from jaxcov.cli import main
+
+sys.exit(main())

@@ -1,0 +1,203 @@
+"""Model core: parity with transformers, sharding, export round-trip, abstract real sizes."""
+
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AbstractMesh
+
+from jaxcov.config import MeshConfig
+from jaxcov.models import llama
+from jaxcov.models.api import abstract_params, init_params, load_model, param_shardings
+from jaxcov.models.loading import export_hf, undo_gguf_qk_permute
+from jaxcov.models.presets import REAL_CONFIGS, tiny_config
+from jaxcov.sharding import logical_spec, make_mesh
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+_COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6)
+_LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 8}
+
+HF_FAMILIES = {
+    "llama": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        **_COMMON, tie_word_embeddings=False)),
+    "llama-tied-rope3": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        **_COMMON, tie_word_embeddings=True, rope_scaling=_LLAMA3_ROPE, rope_theta=500000.0)),
+    "mistral-window": lambda: transformers.MistralForCausalLM(transformers.MistralConfig(
+        **_COMMON, sliding_window=5)),
+    "qwen2-bias": lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**_COMMON)),
+    "qwen3-qknorm": lambda: transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**_COMMON)),
+}
+
+
+def _hf_tiny(name, directory):
+    torch.manual_seed(0)
+    model = HF_FAMILIES[name]().eval()
+    with torch.no_grad():  # HF inits biases/norms to 0/1; perturb so every term matters
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(directory)
+    return model
+
+
+def _padded_batch(padding: str):
+    rng = np.random.RandomState(0)
+    tokens = rng.randint(0, 256, (3, 12))
+    mask = np.ones_like(tokens)
+    lengths = [12, 8, 5]
+    for row, n in enumerate(lengths):
+        if padding == "left":
+            mask[row, : 12 - n] = 0
+        else:
+            mask[row, n:] = 0
+    return tokens, mask
+
+
+def _hf_logits(model, tokens, mask):
+    positions = np.maximum(mask.cumsum(1) - 1, 0)
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask),
+                    position_ids=torch.tensor(positions))
+    return out.logits.numpy()
+
+
+def _rel_err(a, b, mask):
+    valid = mask.astype(bool)
+    return np.abs(a - b)[valid].max() / np.abs(b[valid]).max()
+
+
+@pytest.fixture(scope="module")
+def mesh8():
+    return make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+
+
+@pytest.mark.parametrize("family", sorted(HF_FAMILIES))
+def test_parity_with_transformers(family, tmp_path, mesh8):
+    hf_model = _hf_tiny(family, tmp_path)
+    model = load_model(str(tmp_path), mesh=mesh8, with_tokenizer=False)
+    for padding in ("left", "right"):
+        tokens, mask = _padded_batch(padding)
+        ours = np.asarray(model.logits(tokens, mask))
+        assert _rel_err(ours, _hf_logits(hf_model, tokens, mask), mask) < 1e-4, padding
+
+
+def test_loaded_config_flags(tmp_path, mesh8):
+    _hf_tiny("qwen3-qknorm", tmp_path / "q3")
+    _hf_tiny("llama-tied-rope3", tmp_path / "l3")
+    q3 = load_model(str(tmp_path / "q3"), mesh=mesh8, with_tokenizer=False).config
+    l3 = load_model(str(tmp_path / "l3"), mesh=mesh8, with_tokenizer=False).config
+    assert (q3.family, q3.qk_norm, q3.qkv_bias) == ("qwen3", True, False)
+    assert l3.tie_word_embeddings and l3.rope_scaling == ("llama3", 8.0, 1.0, 4.0, 8)
+
+
+def test_export_round_trip(tmp_path, mesh8):
+    cfg = tiny_config("qwen2")
+    params = init_params(cfg, jax.random.key(3), mesh8)
+    params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(4), p.shape), params)
+    export_hf(str(tmp_path), params, cfg)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32)
+    tokens, mask = _padded_batch("left")
+    ours = np.asarray(llama.forward(params, cfg, jnp.asarray(tokens), jnp.asarray(mask)))
+    assert _rel_err(ours, _hf_logits(hf_model.eval(), tokens, mask), mask) < 1e-5
+    reloaded = load_model(str(tmp_path), mesh=mesh8, with_tokenizer=False)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(reloaded.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_sharded_forward_equals_single_device(mesh8):
+    cfg = tiny_config("llama")
+    single = make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
+    params8 = init_params(cfg, jax.random.key(0), mesh8)
+    params1 = init_params(cfg, jax.random.key(0), single)
+    tokens, mask = _padded_batch("left")
+    tokens, mask = np.tile(tokens, (4, 1))[:8], np.tile(mask, (4, 1))[:8]
+    run = jax.jit(llama.forward, static_argnames=("cfg", "mesh"))
+    out8 = run(params8, tokens_bt=tokens, attention_mask_bt=mask, cfg=cfg, mesh=mesh8)
+    out1 = run(params1, tokens_bt=tokens, attention_mask_bt=mask, cfg=cfg, mesh=single)
+    np.testing.assert_allclose(np.asarray(out8), np.asarray(out1), rtol=1e-5, atol=1e-5)
+    assert out8.sharding.spec[0] == ("data", "fsdp")  # batch stayed split over the mesh
+
+
+def test_param_shardings_follow_rules(mesh8):
+    cfg = tiny_config("qwen2")
+    params = init_params(cfg, jax.random.key(0), mesh8)
+    assert params["layers"]["wq"].sharding.spec == jax.sharding.PartitionSpec(
+        None, "fsdp", "tensor", None)
+    assert params["embed"].sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+    assert params["layers"]["w_down"].sharding.spec == jax.sharding.PartitionSpec(
+        None, "tensor", "fsdp")
+    expected = param_shardings(cfg, mesh8)
+    for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(expected)):
+        assert got.sharding == want
+        # each device holds only its shard, not a full copy
+        assert got.addressable_shards[0].data.size == math.prod(want.shard_shape(got.shape))
+
+
+def test_indivisible_dims_stay_replicated(mesh8):
+    # SmolLM2 has 3 KV heads: they cannot split over tensor=2, so that dim stays whole.
+    spec = logical_spec(("layers", "embed", "kv_heads", "head_dim"), (30, 576, 3, 64), mesh8)
+    assert spec == jax.sharding.PartitionSpec(None, "fsdp", None, None)
+
+
+@pytest.mark.parametrize("name,expected_params", [
+    ("qwen2.5-7b", 7_615_616_512), ("llama-3.1-8b", 8_030_261_248),
+    ("qwen2.5-32b", 32_763_876_352)])
+def test_real_sizes_abstract_on_64_devices(name, expected_params):
+    mesh64 = AbstractMesh((8, 4, 2), ("data", "fsdp", "tensor"))
+    shapes = abstract_params(REAL_CONFIGS[name], mesh64, dtype=jnp.bfloat16)
+    assert sum(math.prod(x.shape) for x in jax.tree.leaves(shapes)) == expected_params
+    wq = shapes["layers"]["wq"]
+    assert wq.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+    L, D, H, E = wq.shape
+    assert wq.sharding.shard_shape(wq.shape) == (L, D // 4, H // 2, E)
+
+
+def test_gguf_unpermute_inverts_llama_cpp_permute():
+    rng = np.random.RandomState(0)
+    w = rng.randn(3 * 8, 5)
+
+    def llama_cpp_permute(x, n):  # convert_hf_to_gguf.py's LlamaModel.permute
+        return x.reshape(n, 2, x.shape[0] // n // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+
+    np.testing.assert_array_equal(undo_gguf_qk_permute(llama_cpp_permute(w, 3), 3), w)
+
+
+def test_embedded_smollm2_matches_transformers_gguf():
+    from jaxcov.models.registry import embedded_model_path
+
+    model = load_model("smollm2-135m-instruct")
+    cfg = model.config
+    assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.vocab_size) == (
+        30, 576, 9, 3, 49152)
+    text = model.tokenizer.apply_chat_template([{"role": "user", "content": "What is 7 times 8?"}],
+                                               tokenize=False, add_generation_prompt=True)
+    tokens = np.array([model.tokenizer(text)["input_ids"]])
+    mask = np.ones_like(tokens)
+    ours = np.asarray(model.logits(tokens, mask))
+    path = embedded_model_path("smollm2-135m-instruct")
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
+    assert _rel_err(ours, _hf_logits(hf_model, tokens, mask), mask) < 1e-4
+
+
+def test_chunked_logprobs_match_full_log_softmax(mesh8):
+    cfg = tiny_config("llama-tied")
+    params = init_params(cfg, jax.random.key(1), mesh8)
+    tokens, mask = _padded_batch("right")
+    from jaxcov.models.logprobs import token_logprobs
+
+    logp, ent = token_logprobs(params, cfg, jnp.asarray(tokens), jnp.asarray(mask), chunk=5)
+    logits = llama.forward(params, cfg, jnp.asarray(tokens), jnp.asarray(mask))
+    full = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+    want = np.take_along_axis(np.asarray(full), tokens[:, 1:, None], axis=-1)[..., 0]
+    want_ent = -np.sum(np.exp(full) * full, axis=-1)
+    np.testing.assert_allclose(np.asarray(logp[:, 1:]), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(ent[:, 1:]), want_ent, rtol=1e-5, atol=1e-5)
+    assert np.all(np.asarray(logp[:, 0]) == 0)
