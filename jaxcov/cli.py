@@ -41,6 +41,54 @@ def config_command(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------- train / eval
+
+
+@command("train", _config_args)
+def train_command(args) -> int:
+    """Trains (or resumes) the experiment of a config file."""
+    from jaxcov.trainer import train_command as run
+
+    return run(args)
+
+
+def _eval_args(p):
+    _config_args(p)
+    p.add_argument("--checkpoint", default="", help="run directory whose latest checkpoint to "
+                   "evaluate (default: the config's train.run_dir if it has one, else the model)")
+
+
+@command("eval", _eval_args)
+def eval_command(args) -> int:
+    """Evaluates a model or a run's latest checkpoint on the held-out split."""
+    from jaxcov.trainer import eval_command as run
+
+    return run(args)
+
+
+# ---------------------------------------------------------------------------------- generate
+
+
+def _generate_args(p):
+    p.add_argument("model", help="model name, HF directory or .gguf file")
+    p.add_argument("--prompt", action="append", required=True, help="user message (repeatable)")
+    p.add_argument("-n", type=int, default=1, help="samples per prompt")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--system", default=None, help="system prompt (default: the template's)")
+
+
+@command("generate", _generate_args)
+def generate_command(args) -> int:
+    """Samples responses to chat prompts with the jitted sampler."""
+    from jaxcov.sampler import generate_cli
+
+    return generate_cli(args)
+
+
 # ------------------------------------------------------------------------------------ export
 
 

@@ -20,6 +20,7 @@ from jaxcov.models import llama
 from jaxcov.models.llama import LlamaConfig, Params, is_spec, param_specs
 from jaxcov.models.loading import load_checkpoint
 from jaxcov.models.logprobs import token_logprobs
+from jaxcov.models.presets import tiny_config
 from jaxcov.models.registry import load_tokenizer, resolve_model_source
 from jaxcov.sharding import make_mesh, named_sharding
 
@@ -76,20 +77,33 @@ class Model:
                          self.config, self.mesh, chunk)
 
 
+RANDOM_PREFIX = "random:"
+
+
 def load_model(source: str = "smollm2-135m-instruct", mesh: Optional[Mesh] = None,
                dtype: str = "float32", compute_dtype: Optional[str] = None,
-               remat: str = "full", with_tokenizer: bool = True) -> Model:
+               remat: str = "full", with_tokenizer: bool = True, tokenizer: str = "",
+               seed: int = 0) -> Model:
     """Loads a registered name, HF directory or GGUF file into sharded parameters.
 
     Args:
-      source: `smollm2-135m-instruct`, a directory with config.json + safetensors, or a .gguf.
+      source: `smollm2-135m-instruct`, a directory with config.json + safetensors, a .gguf, or
+        `random:<preset>` (a tiny random model of `presets.TINY_CONFIGS`, for tests and smoke
+        runs; its vocabulary is resized to the tokenizer's).
       mesh: device mesh; default all devices on the data axis.
       dtype: parameter dtype; compute_dtype: matmul/activation dtype (default: dtype).
       remat: rematerialisation policy of each layer (none | full | dots | dots_no_batch).
+      tokenizer: where the tokenizer comes from when not from `source` (required for random:).
+      seed: initialisation seed of a random model.
     """
-    kind, path = resolve_model_source(source)
     mesh = mesh if mesh is not None else make_mesh(MeshConfig())
-    cfg, params = load_checkpoint(kind, path, mesh, dtype=jnp.dtype(dtype),
-                                  compute_dtype=compute_dtype or dtype, remat=remat)
-    tokenizer = load_tokenizer(source) if with_tokenizer else None
-    return Model(config=cfg, params=params, mesh=mesh, tokenizer=tokenizer)
+    run_options = dict(compute_dtype=compute_dtype or dtype, remat=remat)
+    tok = load_tokenizer(tokenizer or source) if with_tokenizer or source.startswith(
+        RANDOM_PREFIX) else None
+    if source.startswith(RANDOM_PREFIX):
+        cfg = tiny_config(source[len(RANDOM_PREFIX):], vocab_size=len(tok), **run_options)
+        params = init_params(cfg, jax.random.key(seed), mesh, dtype=jnp.dtype(dtype))
+    else:
+        kind, path = resolve_model_source(source)
+        cfg, params = load_checkpoint(kind, path, mesh, dtype=jnp.dtype(dtype), **run_options)
+    return Model(config=cfg, params=params, mesh=mesh, tokenizer=tok if with_tokenizer else None)

@@ -1,0 +1,474 @@
+"""The RL loop: `jaxcov train CONFIG [overrides]`.
+
+One step:
+  draw prompts -> sample n responses each (jitted sampler) -> rewards (host verifier pool)
+  -> [dynamic sampling: draw more prompts until enough groups have varied rewards]
+  -> advantages -> old log-probs + entropy (jit forward) [-> reference log-probs]
+  -> ppo_epochs x mini-batches of updates (jitted: global Clip-Cov/KL-Cov selection, micro-batch
+     gradient accumulation, optax step; a non-finite update is skipped)
+  -> entropy after the update (measured dH next to the covariance-predicted dH)
+  -> metrics (JSONL / TensorBoard / progress bar) -> periodic eval -> checkpoint.
+
+The trainer state (params, optimizer state, step, RNG) lives on the mesh; the data position and
+bookkeeping live in the checkpoint's JSON record, so a restart in the same run directory resumes
+exactly. SIGTERM / SIGINT finish the current step, save, and exit 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import signal
+import sys
+import time
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+
+from jaxcov import advantages as advantages_lib
+from jaxcov import batch as batch_lib
+from jaxcov.checkpoint import Checkpointer
+from jaxcov.config import ConfigError, ExperimentConfig, load_config, to_dict
+from jaxcov.data import PromptIterator, load_datasets
+from jaxcov.entropy import masked_mean
+from jaxcov.evaluation import evaluate
+from jaxcov.metrics import make_sink, read_metrics, summary_table, write_plots, METRICS_FILE
+from jaxcov.models.api import Model, load_model
+from jaxcov.models.logprobs import token_logprobs
+from jaxcov.optim import make_optimizer
+from jaxcov.rewards import close_scorers, score_batch
+from jaxcov.sampler import compile_count, generate
+from jaxcov.sharding import batch_size_multiple, make_mesh, named_sharding
+from jaxcov.update import MiniBatch, update_policy
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (e.g. too many non-finite updates in a row); the message says why."""
+
+
+# ------------------------------------------------------------------------------ validation
+
+
+def check_batch_shapes(config: ExperimentConfig, num_devices: int, mesh) -> None:
+    """Fails before any compile when batch sizes do not fit the mesh or each other."""
+    t, n = config.train, config.algo.group_size
+    rows = t.mini_batch_prompts * n
+    multiple = batch_size_multiple(mesh)
+    if rows % multiple:
+        raise ConfigError(f"train.mini_batch_prompts: {t.mini_batch_prompts} prompts x "
+                          f"{n} samples = {rows} rows is not divisible by the mesh batch "
+                          f"axes (data x fsdp = {multiple})")
+    micro = t.micro_batch_size or rows
+    if rows % micro or micro % multiple:
+        raise ConfigError(f"train.micro_batch_size: {micro} must divide the mini-batch of {rows} "
+                          f"rows and be a multiple of data x fsdp = {multiple}")
+
+
+# ---------------------------------------------------------------------------------- context
+
+
+@dataclasses.dataclass
+class RunContext:
+    """Everything a step needs that is not the train state."""
+
+    config: ExperimentConfig
+    model: Model
+    optimizer: Any
+    schedule: Any
+    update_fn: Any
+    score_fn: Any
+    data: PromptIterator
+    eval_data: Any
+    base_key: jax.Array
+    ref_params: Any = None  # a frozen copy of the initial policy, only when a ref-KL term is on
+
+    @property
+    def mesh(self):
+        return self.model.mesh
+
+
+def logprob_function(cfg, mesh, chunk):
+    """(params, tokens_bt, attention_mask_bt) -> (logp_bt, entropy_bt) of the policy."""
+    def logprobs(params, tokens_bt, attention_mask_bt):
+        return token_logprobs(params, cfg, tokens_bt, attention_mask_bt, mesh=mesh, chunk=chunk)
+    return logprobs
+
+
+def _guarded_update(params, opt_state, batch, key, lr, **static):
+    """`update_policy`, keeping the old params and optimizer state when anything is non-finite."""
+    new_params, new_opt_state, metrics = update_policy(params, opt_state, batch, key, lr, **static)
+    finite = jnp.isfinite(metrics["actor/grad_norm"]) & jnp.isfinite(metrics["actor/loss"])
+    keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+    params = jax.tree.map(keep, new_params, params)
+    opt_state = jax.tree.map(keep, new_opt_state, opt_state)
+    return params, opt_state, {**metrics, "actor/nonfinite": 1.0 - finite.astype(jnp.float32)}
+
+
+def build_context(config: ExperimentConfig) -> RunContext:
+    mesh = make_mesh(config.mesh)
+    check_batch_shapes(config, len(jax.devices()), mesh)
+    m = config.model
+    model = load_model(m.name, mesh=mesh, dtype=m.param_dtype, compute_dtype=m.compute_dtype,
+                       remat=m.remat, tokenizer=m.tokenizer, seed=config.seed)
+    train_set, eval_set = load_datasets(config.data, model.tokenizer)
+    t = config.train
+    updates_per_step = t.ppo_epochs * (t.prompts_per_step // t.mini_batch_prompts)
+    optimizer, schedule = make_optimizer(config.optim, t.steps * updates_per_step)
+    logprob_fn = logprob_function(model.config, mesh, m.logits_chunk)
+    micro = t.micro_batch_size or t.mini_batch_prompts * config.algo.group_size
+    update = functools.partial(_guarded_update, logprob_fn=logprob_fn,
+                               optimizer=optimizer, algo=config.algo, micro_batch_size=micro,
+                               mesh=mesh)
+    return RunContext(
+        config=config, model=model, optimizer=optimizer, schedule=schedule,
+        update_fn=jax.jit(update, donate_argnums=(0, 1)),
+        score_fn=jax.jit(logprob_fn),
+        data=PromptIterator(train_set, t.prompts_per_step, config.data.seed, config.data.shuffle),
+        eval_data=eval_set, base_key=jax.random.key(config.seed),
+        ref_params=jax.tree.map(jnp.copy, model.params) if config.algo.ref_kl_coef > 0 else None)
+
+
+# ------------------------------------------------------------------------------ train state
+
+
+def initial_state(ctx: RunContext) -> dict:
+    params = ctx.model.params
+    opt_state = jax.jit(ctx.optimizer.init)(params)
+    return {"params": params, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32),
+            "rng": jax.random.key_data(ctx.base_key)}
+
+
+# ---------------------------------------------------------------------------------- rollout
+
+
+def _decode(tokenizer, rollout) -> list[str]:
+    ids, mask = np.asarray(rollout.response_ids), np.asarray(rollout.response_mask)
+    return tokenizer.batch_decode([row[m] for row, m in zip(ids, mask)], skip_special_tokens=True)
+
+
+def sample_and_score(ctx: RunContext, params, examples: list, key) -> tuple[Any, dict]:
+    """One round: n responses for each example, decoded and scored."""
+    n = ctx.config.algo.group_size
+    start = time.perf_counter()
+    rollout = generate(ctx.model, [e["prompt_ids"] for e in examples], key,
+                       ctx.config.sampler, n=n, params=params)
+    texts = _decode(ctx.model.tokenizer, rollout)
+    sampled = time.perf_counter()
+    rows = [e for e in examples for _ in range(n)]
+    lengths = np.asarray(rollout.response_lengths).tolist()
+    rewards, reward_metrics = score_batch(texts, rows, lengths, ctx.config)
+    reward_metrics["time/sample"] = sampled - start
+    reward_metrics["time/reward"] = time.perf_counter() - sampled
+    return batch_lib.from_rollout(rollout, examples, n, texts, rewards), reward_metrics
+
+
+def collect_rollouts(ctx: RunContext, params, key) -> tuple[batch_lib.RolloutBatch, dict]:
+    """Rollouts for one step, with DAPO dynamic sampling when `algo.filter_groups` is on."""
+    wanted = ctx.config.train.prompts_per_step
+    rounds, metrics_per_round = [], []
+    for round_index in range(1 + ctx.config.train.max_resample_rounds):
+        examples = ctx.data.next_batch()
+        batch, metrics = sample_and_score(ctx, params, examples, jax.random.fold_in(key, round_index))
+        rounds.append(batch)
+        metrics_per_round.append(metrics)
+        merged = batch_lib.concat(rounds)
+        informative = int(batch_lib.informative_groups(merged.rewards, merged.n).sum())
+        if not ctx.config.algo.filter_groups or informative >= wanted:
+            break
+    chosen, kept = batch_lib.fill_groups(merged, wanted, ctx.config.algo.filter_groups)
+    metrics = _mean_dicts(metrics_per_round[:1])  # the first round is an unbiased sample
+    metrics.update({"batch/rounds": float(len(rounds)), "batch/informative_groups": float(kept),
+                    "batch/informative_frac": kept / wanted})
+    return chosen, metrics
+
+
+def _mean_dicts(dicts: list[dict]) -> dict:
+    keys = dicts[0].keys()
+    return {k: float(np.mean([d[k] for d in dicts if k in d])) for k in keys}
+
+
+# ------------------------------------------------------------------------------------ update
+
+
+def _on_mesh(ctx: RunContext, x: np.ndarray) -> jax.Array:
+    axes = ("batch",) + (None,) * (x.ndim - 1)
+    return jax.device_put(x, named_sharding(ctx.mesh, axes, x.shape))
+
+
+def prepare_batch(ctx: RunContext, params, rollout: batch_lib.RolloutBatch) -> tuple[dict, dict]:
+    """Device arrays of the whole step batch: advantages, old log-probs, entropy before."""
+    tokens = _on_mesh(ctx, rollout.tokens)
+    attention = _on_mesh(ctx, rollout.attention_mask.astype(np.int32))
+    response = _on_mesh(ctx, rollout.response_mask.astype(np.float32))
+    rewards = jnp.asarray(rollout.rewards)
+    adv = advantages_lib.compute_advantages(rewards, response, ctx.config.algo)
+    logp, entropy = ctx.score_fn(params, tokens, attention)
+    old_logp = logp if ctx.config.train.old_logprobs == "recompute" else _on_mesh(
+        ctx, rollout.sampler_logp)
+    arrays = {"tokens_bt": tokens, "attention_mask_bt": attention, "response_mask_bt": response,
+              "old_logp_bt": old_logp, "advantages_bt": adv}
+    if ctx.ref_params is not None:
+        arrays["ref_logp_bt"] = ctx.score_fn(ctx.ref_params, tokens, attention)[0]
+    metrics = {"rollout/entropy": masked_mean(entropy, response),
+               "adv/abs_mean": masked_mean(jnp.abs(adv), response),
+               "rollout/sampler_logp_gap": masked_mean(
+                   jnp.abs(_on_mesh(ctx, rollout.sampler_logp) - logp), response)}
+    return arrays, metrics
+
+
+def _mini_batches(ctx: RunContext, arrays: dict, key) -> list[MiniBatch]:
+    """The step batch split into mini-batches of whole groups, in a seeded order per epoch."""
+    t, n = ctx.config.train, ctx.config.algo.group_size
+    groups = t.prompts_per_step
+    per_mini = t.mini_batch_prompts
+    batches = []
+    for epoch in range(t.ppo_epochs):
+        order = np.asarray(jax.random.permutation(jax.random.fold_in(key, epoch), groups))
+        for start in range(0, groups, per_mini):
+            rows = np.concatenate([np.arange(g * n, (g + 1) * n) for g in order[start:start + per_mini]])
+            rows = jnp.asarray(rows)
+            batches.append(MiniBatch(**{k: _on_mesh_rows(ctx, v, rows) for k, v in arrays.items()}))
+    return batches
+
+
+def _on_mesh_rows(ctx: RunContext, x: jax.Array, rows: jax.Array) -> jax.Array:
+    taken = jnp.take(x, rows, axis=0)
+    return jax.device_put(taken, named_sharding(ctx.mesh, ("batch", None), taken.shape))
+
+
+def run_updates(ctx: RunContext, state: dict, arrays: dict, key) -> tuple[dict, dict]:
+    """All mini-batch updates of one step; metrics averaged, predicted dH summed."""
+    params, opt_state = state["params"], state["opt_state"]
+    update_count = int(state["step"]) * len(_mini_batch_plan(ctx))
+    per_update = []
+    for i, mini in enumerate(_mini_batches(ctx, arrays, jax.random.fold_in(key, 1))):
+        lr = jnp.float32(ctx.schedule(update_count + i))
+        params, opt_state, metrics = ctx.update_fn(params, opt_state, mini,
+                                                   jax.random.fold_in(key, 100 + i), lr)
+        per_update.append(jax.device_get(metrics))
+    metrics = _mean_dicts(per_update)
+    metrics["entropy/pred_dH"] = float(sum(m.get("cov/pred_dH", 0.0) for m in per_update))
+    metrics["actor/nonfinite"] = float(sum(m["actor/nonfinite"] for m in per_update))
+    metrics["optim/lr"] = float(ctx.schedule(update_count))
+    return {**state, "params": params, "opt_state": opt_state}, metrics
+
+
+def _mini_batch_plan(ctx: RunContext) -> range:
+    t = ctx.config.train
+    return range(t.ppo_epochs * (t.prompts_per_step // t.mini_batch_prompts))
+
+
+# --------------------------------------------------------------------------------- one step
+
+
+def rl_step(ctx: RunContext, state: dict) -> tuple[dict, dict]:
+    """One full RL step; returns the new state and the step's metrics."""
+    step = int(state["step"])
+    key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
+    times = {}
+    t0 = time.perf_counter()
+    rollout, metrics = collect_rollouts(ctx, state["params"], jax.random.fold_in(key, 0))
+    times["time/rollout"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    arrays, prep_metrics = prepare_batch(ctx, state["params"], rollout)
+    jax.block_until_ready(arrays)
+    times["time/logprobs"] = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    new_state, update_metrics = run_updates(ctx, state, arrays, key)
+    times["time/update"] = time.perf_counter() - t2
+    _, entropy_after = ctx.score_fn(new_state["params"], arrays["tokens_bt"],
+                                    arrays["attention_mask_bt"])
+    after = float(masked_mean(entropy_after, arrays["response_mask_bt"]))
+    before = float(prep_metrics["rollout/entropy"])
+    metrics.update({k: float(v) for k, v in prep_metrics.items()})
+    metrics.update(update_metrics)
+    metrics.update(_response_metrics(rollout))
+    metrics.update({"entropy/before": before, "entropy/after": after,
+                    "entropy/measured_dH": after - before, "sampler/compiles": compile_count()})
+    times["time/step"] = time.perf_counter() - t0
+    metrics.update(times)
+    metrics["throughput/gen_tokens_per_s"] = float(rollout.response_lengths.sum()) / max(
+        times["time/rollout"], 1e-9)
+    return {**new_state, "step": state["step"] + 1}, metrics
+
+
+def _response_metrics(rollout: batch_lib.RolloutBatch) -> dict:
+    lengths = rollout.response_lengths
+    return {"response/length_mean": float(lengths.mean()), "response/length_max": float(lengths.max()),
+            "response/truncated_frac": float(1.0 - rollout.stopped.mean()),
+            "reward/step_batch_mean": float(rollout.rewards.mean())}
+
+
+# ---------------------------------------------------------------------------------- the loop
+
+
+class StopSignal:
+    """Turns SIGTERM / SIGINT into a flag the loop checks between steps (preemption-safe)."""
+
+    def __init__(self):
+        self.received: Optional[int] = None
+        self._previous = {}
+
+    def __enter__(self) -> "StopSignal":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _save(checkpointer: Checkpointer, ctx: RunContext, state: dict, meta: dict) -> None:
+    meta = {**meta, "data": ctx.data.state_dict()}
+    checkpointer.save(int(state["step"]), state, meta)
+
+
+def restore_or_init(ctx: RunContext, checkpointer: Checkpointer) -> tuple[dict, dict]:
+    """The latest checkpoint of the run directory, or a fresh state."""
+    state = initial_state(ctx)
+    step = checkpointer.latest_step()
+    if step is None:
+        return state, {"bad_steps": 0}
+    state, meta = checkpointer.restore(step, state)
+    ctx.data.load_state_dict(meta["data"])
+    print(f"jaxcov: resumed from step {step} in {ctx.config.train.run_dir}", file=sys.stderr)
+    return state, meta
+
+
+def maybe_evaluate(ctx: RunContext, state: dict, step: int, final: bool) -> dict:
+    t = ctx.config.train
+    due = t.eval_every and (step % t.eval_every == 0 or final)
+    if ctx.eval_data is None or not due:
+        return {}
+    start = time.perf_counter()
+    metrics = evaluate(ctx.model, state["params"], ctx.eval_data, ctx.config,
+                       jax.random.fold_in(ctx.base_key, 10**6 + step), k=t.eval_samples,
+                       temperature=t.eval_temperature, max_examples=t.eval_examples)
+    metrics["time/eval"] = time.perf_counter() - start
+    return metrics
+
+
+def _progress(ctx: RunContext, start_step: int):
+    if not ctx.config.train.progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=ctx.config.train.steps, initial=start_step, desc="train", dynamic_ncols=True,
+                file=sys.stderr)
+
+
+def _check_bad_steps(metrics: dict, meta: dict, limit: int, step: int) -> None:
+    meta["bad_steps"] = meta.get("bad_steps", 0) + 1 if metrics["actor/nonfinite"] else 0
+    if meta["bad_steps"] >= limit:
+        raise TrainingStopped(
+            f"{meta['bad_steps']} steps in a row had a non-finite loss or gradient (last: step "
+            f"{step}); stopped. The last checkpoint holds the last good parameters.")
+
+
+def train_loop(ctx: RunContext, checkpointer: Checkpointer, stop: StopSignal) -> dict:
+    t = ctx.config.train
+    state, meta = restore_or_init(ctx, checkpointer)
+    step = int(state["step"])
+    sink = make_sink(t.run_dir, step if step else None, t.tensorboard, t.wandb_project or None,
+                     to_dict(ctx.config))
+    bar = _progress(ctx, step)
+    try:
+        if step == 0:
+            sink.write(0, maybe_evaluate(ctx, state, 0, final=False) or {})
+        while step < t.steps and stop.received is None:
+            state, metrics = rl_step(ctx, state)
+            step = int(state["step"])
+            _check_bad_steps(metrics, meta, t.max_bad_steps, step)
+            metrics.update(maybe_evaluate(ctx, state, step, final=step == t.steps))
+            sink.write(step, metrics)
+            if not metrics["actor/nonfinite"] and (
+                    step == t.steps or (t.checkpoint_every and step % t.checkpoint_every == 0)):
+                _save(checkpointer, ctx, state, meta)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}",
+                                entropy=f"{metrics['rollout/entropy']:.3f}")
+        if stop.received is not None and step < t.steps:
+            _save(checkpointer, ctx, state, meta)
+            print(f"jaxcov: signal {stop.received}: saved step {step}, exiting", file=sys.stderr)
+    finally:
+        if bar is not None:
+            bar.close()
+        sink.close()
+    return state
+
+
+def finish_run(ctx: RunContext, state: dict) -> None:
+    """Summary table, plots, and the optional HF export, at the end of a completed run."""
+    records = read_metrics(os.path.join(ctx.config.train.run_dir, METRICS_FILE))
+    print(summary_table([r for r in records if r["step"] > 0]))
+    plots = write_plots(ctx.config.train.run_dir, records)
+    if plots:
+        print("plots: " + ", ".join(plots))
+    if ctx.config.train.export_hf:
+        from jaxcov.models.loading import export_hf
+
+        out = os.path.join(ctx.config.train.run_dir, "hf")
+        export_hf(out, state["params"], ctx.model.config, ctx.model.tokenizer)
+        print(f"exported the policy to {out}")
+
+
+def train(config: ExperimentConfig) -> int:
+    """Runs (or resumes) the experiment; returns the process exit status."""
+    os.makedirs(config.train.run_dir, exist_ok=True)
+    with open(os.path.join(config.train.run_dir, "config.yaml"), "w") as f:
+        yaml.safe_dump(to_dict(config), f, sort_keys=False)
+    ctx = build_context(config)
+    checkpointer = Checkpointer(os.path.join(config.train.run_dir, "checkpoints"),
+                                keep=config.train.keep_checkpoints)
+    try:
+        with StopSignal() as stop:
+            state = train_loop(ctx, checkpointer, stop)
+        if int(state["step"]) >= config.train.steps:
+            finish_run(ctx, state)
+        return 0
+    except TrainingStopped as e:
+        print(f"jaxcov: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        checkpointer.close()
+        close_scorers()
+
+
+def train_command(args) -> int:
+    return train(load_config(args.config, args.overrides))
+
+
+def eval_command(args) -> int:
+    """`jaxcov eval`: the held-out metrics of a run's latest checkpoint (or of the model)."""
+    config = load_config(args.config, args.overrides)
+    if config.data.eval_size == 0 and not config.data.eval_source:
+        raise ConfigError("eval needs a held-out split: set data.eval_size or data.eval_source")
+    ctx = build_context(config)
+    state = initial_state(ctx)
+    run_dir = args.checkpoint or config.train.run_dir
+    checkpoints = os.path.join(run_dir, "checkpoints")
+    if os.path.isdir(checkpoints):
+        checkpointer = Checkpointer(checkpoints, keep=config.train.keep_checkpoints)
+        step = checkpointer.latest_step()
+        if step is not None:
+            state, _ = checkpointer.restore(step, state)
+            print(f"evaluating step {step} of {run_dir}")
+        checkpointer.close()
+    t = config.train
+    metrics = evaluate(ctx.model, state["params"], ctx.eval_data, config,
+                       jax.random.fold_in(ctx.base_key, 10**6), k=t.eval_samples,
+                       temperature=t.eval_temperature, max_examples=t.eval_examples)
+    close_scorers()
+    for key, value in metrics.items():
+        print(f"{key:20} {value:.4f}" if isinstance(value, float) else f"{key:20} {value}")
+    return 0
