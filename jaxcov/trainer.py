@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import yaml
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxcov import advantages as advantages_lib
 from jaxcov import batch as batch_lib
@@ -139,8 +140,17 @@ def build_context(config: ExperimentConfig) -> RunContext:
 def initial_state(ctx: RunContext) -> dict:
     params = ctx.model.params
     opt_state = jax.jit(ctx.optimizer.init)(params)
-    return {"params": params, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32),
-            "rng": jax.random.key_data(ctx.base_key)}
+    state = {"params": params, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32),
+             "rng": jax.random.key_data(ctx.base_key)}
+    return jax.tree.map(functools.partial(_on_mesh_replicated, ctx.mesh), state)
+
+
+def _on_mesh_replicated(mesh, x: jax.Array) -> jax.Array:
+    """Leaves placed on one device (step, RNG, optimizer counters) go replicated on the mesh,
+    so a restored state is placed exactly like a fresh one."""
+    if isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh:
+        return x
+    return jax.device_put(x, NamedSharding(mesh, PartitionSpec()))
 
 
 # ---------------------------------------------------------------------------------- rollout

@@ -228,10 +228,17 @@ def attend(q_bthe, k_bske, v_bske, mask_bts, cfg: LlamaConfig) -> jax.Array:
     return out.reshape(B, T, H, E)
 
 
+def project(spec: str, x: jax.Array, w: jax.Array, dtype) -> jax.Array:
+    """einsum in `dtype` with fp32 accumulation, cast back to `dtype`. (Asking for the fp32
+    result keeps XLA:CPU on its fast bf16 kernels; otherwise it upcasts the weights every call.)"""
+    out = jnp.einsum(spec, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+    return out.astype(dtype)
+
+
 def mlp(x_btd, layer, dtype) -> jax.Array:
-    gate = jnp.einsum("btd,df->btf", x_btd, layer["w_gate"].astype(dtype))
-    up = jnp.einsum("btd,df->btf", x_btd, layer["w_up"].astype(dtype))
-    return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, layer["w_down"].astype(dtype))
+    gate = project("btd,df->btf", x_btd, layer["w_gate"], dtype)
+    up = project("btd,df->btf", x_btd, layer["w_up"], dtype)
+    return project("btf,fd->btd", jax.nn.silu(gate) * up, layer["w_down"], dtype)
 
 
 # ------------------------------------------------------------------------------------ the block
@@ -239,9 +246,9 @@ def mlp(x_btd, layer, dtype) -> jax.Array:
 
 def project_qkv(x_btd, layer, positions_bt, cfg: LlamaConfig, inv_freq):
     dtype = cfg.dtype
-    q = jnp.einsum("btd,dhe->bthe", x_btd, layer["wq"].astype(dtype))
-    k = jnp.einsum("btd,dke->btke", x_btd, layer["wk"].astype(dtype))
-    v = jnp.einsum("btd,dke->btke", x_btd, layer["wv"].astype(dtype))
+    q = project("btd,dhe->bthe", x_btd, layer["wq"], dtype)
+    k = project("btd,dke->btke", x_btd, layer["wk"], dtype)
+    v = project("btd,dke->btke", x_btd, layer["wv"], dtype)
     if cfg.qkv_bias:
         q = q + layer["bq"].astype(dtype)
         k = k + layer["bk"].astype(dtype)
@@ -269,7 +276,7 @@ def block(h_btd, layer, kv_cache, ctx: "_Context"):
         kv_cache = (k_cache, v_cache)
         k, v = k_cache.astype(cfg.dtype), v_cache.astype(cfg.dtype)
     attn = attend(q, k, v, ctx.mask_bts, cfg)
-    h_btd = h_btd + jnp.einsum("bthe,hed->btd", attn, layer["wo"].astype(cfg.dtype))
+    h_btd = h_btd + project("bthe,hed->btd", attn, layer["wo"], cfg.dtype)
     h_btd = constrain(h_btd, mesh, ("batch", "seq", "act_embed"))
     h_btd = h_btd + mlp(rms_norm(h_btd, layer["mlp_norm"], cfg.rms_norm_eps), layer, cfg.dtype)
     return constrain(h_btd, mesh, ("batch", "seq", "act_embed")), kv_cache
@@ -330,7 +337,10 @@ def forward_hidden(params: Params, cfg: LlamaConfig, tokens_bt: jax.Array,
     query_slots_bt = jnp.broadcast_to(start + jnp.arange(T), (B, T))
     mask_bts = attention_mask(valid_bs, query_slots_bt, cfg.sliding_window)
     ctx = _Context(cfg, mesh, positions_bt, mask_bts, start, rope_inv_freq(cfg))
-    h = jnp.take(params["embed"], tokens_bt, axis=0).astype(cfg.dtype)
+    # Gather rows from a whole table: XLA cannot gather from a vocab-split table without
+    # replicating it anyway, and says so with "involuntary full rematerialization".
+    embed = constrain(params["embed"], mesh, (None, None))
+    h = jnp.take(embed, tokens_bt, axis=0).astype(cfg.dtype)
     h = constrain(h, mesh, ("batch", "seq", "act_embed"))
     h, kv = _scan_layers(params["layers"], h, kv, ctx)
     h = rms_norm(h, params["final_norm"], cfg.rms_norm_eps)
