@@ -158,6 +158,7 @@ def _on_mesh_replicated(mesh, x: jax.Array) -> jax.Array:
 
 def _decode(tokenizer, rollout) -> list[str]:
     ids, mask = np.asarray(rollout.response_ids), np.asarray(rollout.response_mask)
+    ids = np.clip(ids, 0, len(tokenizer) - 1)  # a policy with non-finite weights samples junk ids
     return tokenizer.batch_decode([row[m] for row, m in zip(ids, mask)], skip_special_tokens=True)
 
 

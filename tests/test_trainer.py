@@ -23,9 +23,11 @@ TINY = {
               "logits_chunk": 32},
     "mesh": {"data": 2, "fsdp": 2, "tensor": 2},
     "data": {"source": "times_table", "synthetic": {"size": 64}, "max_prompt_len": 96},
-    "algo": {"group_size": 4, "filter_groups": False, "clip_cov_ratio": 0.05,
+    # Bounds and ratios wide enough that Clip-Cov / KL-Cov touch tokens of a tiny batch.
+    "algo": {"group_size": 4, "filter_groups": False, "clip_cov_ratio": 0.05, "clip_cov_lb": 0.0,
              "kl_cov_ratio": 0.05},
     "sampler": {"max_new_tokens": 8, "max_prompt_len": 96},
+    "reward": {"custom_fn": "tests.reward_fixtures:distinct_characters", "correct_weight": 0.0},
     "optim": {"lr": 1e-3},
     "train": {"steps": 2, "prompts_per_step": 4, "mini_batch_prompts": 2, "micro_batch_size": 4,
               "ppo_epochs": 2, "checkpoint_every": 1, "progress": False, "tensorboard": False},

@@ -1,0 +1,152 @@
+"""The policy update of one optimizer mini-batch, as one jittable function.
+
+    update = make_update_fn(logprob_fn, optimizer, algo, micro_batch_size, mesh)
+    params, opt_state, metrics = update(params, opt_state, batch, key, learning_rate)
+
+Steps, all inside one jit:
+1. Selection pass: log-probs and entropies of the current parameters for the whole mini-batch
+   (forward only, run micro-batch by micro-batch with `lax.map` to bound memory), then
+   `losses.select_tokens` on all of its tokens at once: covariance statistics, the Clip-Cov
+   random pick or the KL-Cov top-k, and the mini-batch token/sequence counts.
+2. Gradient pass: `lax.scan` over micro-batches; each computes its loss with the selection and
+   counts of step 1, so its gradient is its exact share of the mini-batch gradient. Gradients and
+   (additive) loss metrics are summed in float32.
+3. One optax update.
+Because selection and normalisers are mini-batch-wide, the result does not depend on the
+micro-batch size or on how the batch is sharded over devices (tests/test_update.py checks both).
+
+The model enters only through `logprob_fn(params, tokens_bt, attention_mask_bt) ->
+(logp_bt, entropy_bt)`: both [B, T] float32, index t scoring token t given tokens < t (index 0
+unused), e.g. `lambda p, t, m: token_logprobs(p, cfg, t, m, mesh=mesh)` with
+`jaxcov.models.logprobs.token_logprobs` (what `jaxcov.trainer.logprob_function` builds).
+
+Metrics: those of `losses.select_tokens` and `losses.total_loss` (table in losses.py), plus
+`actor/grad_norm` (global norm of the summed gradient, before any clipping in the optimizer).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from jax.sharding import Mesh
+
+from jaxcov.config import AlgoConfig
+from jaxcov.losses import loss_inputs, select_tokens, total_loss
+from jaxcov.sharding import constrain
+
+Array = jax.Array
+Params = Any
+LogprobFn = Callable[[Params, Array, Array], tuple[Array, Array]]
+
+
+@struct.dataclass
+class MiniBatch:
+    """One optimizer mini-batch; every field is [B, T] with B = rows of the mini-batch."""
+
+    tokens_bt: Array            # int32 prompt + response ids
+    attention_mask_bt: Array    # 1 on real tokens (prompt and response), 0 on padding
+    response_mask_bt: Array     # 1 on response tokens that get a loss
+    old_logp_bt: Array          # log-probs of the policy that produced the rollout
+    advantages_bt: Array
+    ref_logp_bt: Optional[Array] = None  # reference-policy log-probs (ref KL term / metric)
+
+
+def split_micro_batches(tree: Any, num_micro: int, mesh: Optional[Mesh] = None) -> Any:
+    """[B, ...] -> [M, B/M, ...], micro-batch m holding rows m, m + M, m + 2M, ...
+
+    Strided rather than contiguous rows: with B split over devices in contiguous blocks, every
+    micro-batch then has rows on every device, so no device idles during accumulation.
+    """
+    def split(x):
+        micro_size = x.shape[0] // num_micro
+        x = x.reshape(micro_size, num_micro, *x.shape[1:]).swapaxes(0, 1)
+        return constrain(x, mesh, (None, "batch") + (None,) * (x.ndim - 2))
+    return jax.tree.map(split, tree)
+
+
+def merge_micro_batches(tree: Any) -> Any:
+    """Inverse of `split_micro_batches`: [M, B/M, ...] -> [B, ...] in the original row order."""
+    def merge(x):
+        return x.swapaxes(0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+    return jax.tree.map(merge, tree)
+
+
+def _current_logprobs(logprob_fn: LogprobFn, params: Params, micro: MiniBatch):
+    """Forward-only log-probs and entropies for all micro-batches, merged back to [B, T]."""
+    forward = lambda m: logprob_fn(params, m.tokens_bt, m.attention_mask_bt)  # noqa: E731
+    return merge_micro_batches(jax.lax.map(forward, micro))
+
+
+def _micro_loss(params, micro, selection, logprob_fn, algo):
+    """Loss of one micro-batch, normalised by the counts of the whole mini-batch."""
+    batch, selected_bt = micro
+    logp_bt, entropy_bt = logprob_fn(params, batch.tokens_bt, batch.attention_mask_bt)
+    x = loss_inputs(logp_bt, batch.old_logp_bt, batch.advantages_bt, batch.response_mask_bt,
+                    selection.replace(selected_bt=selected_bt),
+                    entropy_bt=entropy_bt if algo.entropy_coef > 0 else None,
+                    ref_logp_bt=batch.ref_logp_bt)
+    return total_loss(x, algo)
+
+
+def _accumulate_gradients(params, micro, micro_selected, selection, logprob_fn, algo):
+    """Sum over micro-batches of gradients (float32) and of the additive loss metrics."""
+    grad_fn = jax.grad(_micro_loss, has_aux=True)
+
+    def step(grads_acc, xs):
+        grads, metrics = grad_fn(params, xs, selection, logprob_fn, algo)
+        grads_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_acc, grads)
+        return grads_acc, metrics
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    grads, metrics_m = jax.lax.scan(step, zeros, (micro, micro_selected))
+    return grads, jax.tree.map(lambda m: jnp.sum(m, axis=0), metrics_m)
+
+
+def update_policy(params: Params, opt_state: optax.OptState, batch: MiniBatch, key: Array,
+                  learning_rate: Optional[Array | float] = None, *, logprob_fn: LogprobFn,
+                  optimizer: optax.GradientTransformation, algo: AlgoConfig,
+                  micro_batch_size: int, mesh: Optional[Mesh] = None):
+    """One optimizer step on one mini-batch; returns (params, opt_state, metrics).
+
+    Args:
+      params, opt_state: policy parameters and optimizer state (donate them when jitting).
+      batch: the mini-batch; its rows must be a multiple of `micro_batch_size`.
+      key: randomness of the Clip-Cov pick (fold the step in upstream).
+      learning_rate: only for the `cov/pred_dH` metric; None leaves that metric out.
+      logprob_fn, optimizer, algo, micro_batch_size, mesh: static; `mesh` adds sharding
+        constraints on the micro-batch split (batch rows over the logical `batch` axis).
+    """
+    rows = batch.tokens_bt.shape[0]
+    if rows % micro_batch_size:
+        raise ValueError(f"mini-batch of {rows} rows is not a multiple of micro_batch_size "
+                         f"{micro_batch_size}")
+    micro = split_micro_batches(batch, rows // micro_batch_size, mesh)
+    logp_bt, entropy_bt = _current_logprobs(logprob_fn, params, micro)
+    selection = select_tokens(logp_bt, batch.old_logp_bt, batch.advantages_bt,
+                              batch.response_mask_bt, key, algo, entropy_bt, learning_rate)
+    micro_selected = split_micro_batches(selection.selected_bt, rows // micro_batch_size, mesh)
+    grads, loss_metrics = _accumulate_gradients(params, micro, micro_selected, selection,
+                                                logprob_fn, algo)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    metrics = {**selection.metrics, **loss_metrics, "actor/grad_norm": optax.tree.norm(grads)}
+    return params, opt_state, metrics
+
+
+def make_update_fn(logprob_fn: LogprobFn, optimizer: optax.GradientTransformation,
+                   algo: AlgoConfig, micro_batch_size: int, mesh: Optional[Mesh] = None,
+                   donate: bool = True):
+    """`update_policy` with its static arguments bound, jitted, params and opt_state donated.
+
+    Returns f(params, opt_state, batch, key, learning_rate=None) -> (params, opt_state, metrics).
+    Shardings follow the inputs: pass params/opt_state in their shardings and the batch sharded
+    over the batch axes.
+    """
+    update = functools.partial(update_policy, logprob_fn=logprob_fn, optimizer=optimizer,
+                               algo=algo, micro_batch_size=micro_batch_size, mesh=mesh)
+    return jax.jit(update, donate_argnums=(0, 1) if donate else ())
