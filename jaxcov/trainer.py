@@ -398,9 +398,9 @@ def train_loop(ctx: RunContext, checkpointer: Checkpointer, stop: StopSignal) ->
         while step < t.steps and stop.received is None:
             state, metrics = rl_step(ctx, state)
             step = int(state["step"])
-            _check_bad_steps(metrics, meta, t.max_bad_steps, step)
             metrics.update(maybe_evaluate(ctx, state, step, final=step == t.steps))
             sink.write(step, metrics)
+            _check_bad_steps(metrics, meta, t.max_bad_steps, step)
             if not metrics["actor/nonfinite"] and (
                     step == t.steps or (t.checkpoint_every and step % t.checkpoint_every == 0)):
                 _save(checkpointer, ctx, state, meta)
