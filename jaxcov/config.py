@@ -331,7 +331,11 @@ class SamplerConfig:
       compute_dtype: dtype of the sampling forward; null means the model's compute dtype.
         bfloat16 is faster; its log-probs then differ slightly from an fp32 policy's.
       min_bucket: smallest prompt-length and response-length bucket; lengths are rounded up to
-        powers of two from here, so a run compiles a few programs, not one per batch.
+        min_bucket x (1, 1.5, 2, 3, 4, 6, ...), so a run compiles a few programs, not one per
+        batch (and the prompt count to a power of two).
+      share_prompt_prefix: run the leading tokens all prompts of a batch share (the chat
+        template's system prompt, say; rounded down to a multiple of min_bucket) once, not once
+        per prompt. Results are the same either way; off for sliding-window models.
     """
 
     max_new_tokens: int = 512
@@ -343,6 +347,7 @@ class SamplerConfig:
     stop_token_ids: tuple[int, ...] = ()
     compute_dtype: Optional[Literal["float32", "bfloat16"]] = None
     min_bucket: int = 16
+    share_prompt_prefix: bool = True
 
     def __post_init__(self):
         for key in ("max_new_tokens", "max_prompt_len", "min_bucket"):

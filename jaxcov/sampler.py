@@ -1,0 +1,817 @@
+"""Rollout sampler: prefill a left-padded prompt batch once, then decode in one jitted while loop.
+
+    rollout = generate(model, prompt_ids, jax.random.key(0), SamplerConfig(max_new_tokens=64), n=8)
+    texts = decode_responses(model.tokenizer, rollout)
+
+One call of `generate`:
+  host  check and left-pad the prompts; round prompt length, prompt count and response length
+        up to buckets (powers of two), so a run compiles a few programs, not one per batch.
+  jit   prefill the B prompts once -> repeat each cache row n times (row r belongs to prompt
+        r // n, so a GRPO group is contiguous) -> sample token 0 from the last prompt position ->
+        `lax.while_loop` that feeds one token per step through the KV cache and stops when every
+        row has produced a stop token or the length limit is reached. The cache lives in the loop
+        carry, so XLA updates it in place; nothing returns to the host until the loop ends.
+  host  trim the bucket padding away; decode text with the tokenizer.
+
+Sampling (temperature, top-k, top-p, greedy) works on fp32 logits. Each step returns the
+log-prob of the sampled token under the distribution it was drawn from and under the plain T=1
+policy (the one the loss scores), both from the same logits, so they are exact, not re-computed.
+top-k / top-p thresholds are found by bisection on the float bit pattern (32 masked reductions)
+rather than a sort of the vocabulary, which is slow on CPU.
+
+Dimension letters: B prompts, R rows (B * n), P prompt slots, N response slots, V vocab.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import math
+import sys
+import time
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from jax.sharding import Mesh
+
+from jaxcov.config import ConfigError, SamplerConfig
+from jaxcov.models import llama
+from jaxcov.models.llama import LlamaConfig, Params
+from jaxcov.sharding import batch_size_multiple, constrain, named_sharding
+
+# Incremented in the body of the traced function, which Python runs once per compilation.
+_COMPILATIONS = 0
+
+
+def compile_count() -> int:
+    """How many sampler programs this process has compiled (a metric: should stay small)."""
+    return _COMPILATIONS
+
+
+# --------------------------------------------------------------------------- sampling controls
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingOptions:
+    """The static part of sampling (a jit static argument)."""
+
+    temperature: float = 1.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def changes_policy(self) -> bool:
+        """Whether the sampling distribution differs from the T=1 policy."""
+        return self.temperature != 1.0 or self.top_k > 0 or self.top_p < 1.0
+
+    @staticmethod
+    def from_config(config: SamplerConfig) -> "SamplingOptions":
+        return SamplingOptions(config.temperature, config.top_k, config.top_p)
+
+
+def _sortable_bits(x: jax.Array) -> jax.Array:
+    """int32 keys ordered like the float32 values (so bisection can run on integers)."""
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+    return jnp.where(bits >= 0, bits, bits ^ jnp.int32(0x7FFFFFFF))
+
+
+def _midpoint(lo: jax.Array, hi: jax.Array) -> jax.Array:
+    """floor((lo + hi) / 2) without int32 overflow (keys span the whole int32 range)."""
+    return (lo >> 1) + (hi >> 1) + (lo & hi & 1)
+
+
+def _bisect_threshold(keys_rv: jax.Array, keeps_enough) -> jax.Array:
+    """Largest int32 key t (per row) with `keeps_enough(keys_rv >= t)`; [R, 1].
+
+    `keeps_enough` must be monotone: true for small t, false for large t.
+    """
+    lo = jnp.min(keys_rv, axis=-1, keepdims=True)  # keeps everything: always enough
+    hi = jnp.max(keys_rv, axis=-1, keepdims=True) + 1  # keeps nothing: never enough
+
+    def halve(_, bounds):
+        lo, hi = bounds
+        mid = _midpoint(lo, hi)
+        ok = keeps_enough(keys_rv >= mid)
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+    lo, _ = jax.lax.fori_loop(0, 32, halve, (lo, hi))
+    return lo
+
+
+def top_k_mask(logits_rv: jax.Array, k: int) -> jax.Array:
+    """Tokens whose logit is at least the k-th largest (ties at the k-th value are all kept)."""
+    keys = _sortable_bits(logits_rv)
+    k = min(k, logits_rv.shape[-1])
+    threshold = _bisect_threshold(keys, lambda kept: jnp.sum(kept, -1, keepdims=True) >= k)
+    return keys >= threshold
+
+
+def top_p_mask(logits_rv: jax.Array, p: float) -> jax.Array:
+    """The smallest set of most likely tokens whose probability mass reaches p: a token is kept
+    when the mass of the tokens strictly more likely than it is below p (HF / vLLM semantics)."""
+    probs = jax.nn.softmax(logits_rv, axis=-1)
+    keys = _sortable_bits(logits_rv)
+    # A threshold t is too low while the tokens above t (excluding t) already hold mass >= p.
+    above_mass = lambda t: jnp.sum(jnp.where(keys > t, probs, 0.0), -1, keepdims=True)  # noqa
+    lo = jnp.min(keys, axis=-1, keepdims=True)
+    hi = jnp.max(keys, axis=-1, keepdims=True)
+
+    def halve(_, bounds):  # smallest t with above_mass(t) < p lies in [lo, hi]
+        lo, hi = bounds
+        mid = _midpoint(lo, hi)
+        ok = above_mass(mid) < p
+        return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
+
+    threshold, _ = jax.lax.fori_loop(0, 32, halve, (lo, hi))
+    return keys >= threshold
+
+
+def sampling_logits(logits_rv: jax.Array, options: SamplingOptions) -> jax.Array:
+    """The logits of the sampling distribution: temperature, then top-k, then top-p (HF order);
+    filtered tokens get -inf."""
+    scaled = logits_rv if options.temperature == 1.0 else logits_rv / options.temperature
+    if options.top_k > 0:
+        scaled = jnp.where(top_k_mask(scaled, options.top_k), scaled, -jnp.inf)
+    if options.top_p < 1.0:
+        scaled = jnp.where(top_p_mask(scaled, options.top_p), scaled, -jnp.inf)
+    return scaled
+
+
+def _first_true(mask_rx: jax.Array, fallback_rx: jax.Array) -> jax.Array:
+    """Index of the first True along the last axis; where there is none (rounding at the top of
+    a cdf), the last True of `fallback`. Two plain min/max reductions: cheaper on CPU than
+    argmax, which XLA lowers to a slow (value, index) pair reduction."""
+    n = mask_rx.shape[-1]
+    iota = jnp.arange(n, dtype=jnp.int32)
+    first = jnp.min(jnp.where(mask_rx, iota, n), axis=-1)
+    last = jnp.max(jnp.where(fallback_rx, iota, -1), axis=-1)
+    return jnp.where(first < n, first, last)
+
+
+def _block_size(vocab: int, largest: int = 256) -> int:
+    """The largest power of two <= `largest` that divides the vocabulary size."""
+    block = 1
+    while block < largest and vocab % (2 * block) == 0:
+        block *= 2
+    return block
+
+
+def _categorical(logits_rv: jax.Array, max_r1: jax.Array, key: jax.Array):
+    """Inverse-CDF draw with one uniform per row, in two levels: first a block of the vocabulary
+    by block mass, then a token inside it. The full-vocabulary work is one fused exp-and-sum pass
+    (Gumbel-max would need a random number per token; a full-vocabulary cumsum is several passes).
+    Zero-probability tokens are never drawn. Returns (token_r, log_z_r)."""
+    R, V = logits_rv.shape
+    block = _block_size(V)
+    mass_rn = jnp.sum(jnp.exp(logits_rv - max_r1).reshape(R, V // block, block), axis=-1)
+    cum_rn = jnp.cumsum(mass_rn, axis=-1)
+    u_r = jax.random.uniform(key, (R,)) * cum_rn[:, -1]
+    chosen_r = _first_true((cum_rn > u_r[:, None]) & (mass_rn > 0), mass_rn > 0)
+    before_r = jnp.where(chosen_r > 0, jnp.take_along_axis(
+        cum_rn, jnp.maximum(chosen_r - 1, 0)[:, None], axis=-1)[:, 0], 0.0)
+    logits_rb = jnp.take_along_axis(logits_rv.reshape(R, V // block, block),
+                                    chosen_r[:, None, None], axis=1)[:, 0]
+    p_rb = jnp.exp(logits_rb - max_r1)
+    inside_r = _first_true((jnp.cumsum(p_rb, axis=-1) > (u_r - before_r)[:, None]) & (p_rb > 0),
+                           p_rb > 0)
+    return chosen_r * block + inside_r, max_r1[:, 0] + jnp.log(cum_rn[:, -1])
+
+
+def _log_z(logits_rv: jax.Array, max_r1: jax.Array) -> jax.Array:
+    return max_r1[:, 0] + jnp.log(jnp.sum(jnp.exp(logits_rv - max_r1), axis=-1))
+
+
+def _logit_of(logits_rv, token_r):
+    return jnp.take_along_axis(logits_rv, token_r[:, None], axis=-1)[:, 0]
+
+
+def sample_tokens(logits_rv: jax.Array, key: jax.Array, options: SamplingOptions):
+    """Draws one token per row from fp32 logits [R, V].
+
+    Returns (token_r, sample_logp_r, policy_logp_r): the log-prob of the token under the sampling
+    distribution (0 for greedy: a point mass) and under the T=1 policy softmax(logits).
+    """
+    logits_rv = logits_rv.astype(jnp.float32)
+    max_r1 = jnp.max(logits_rv, axis=-1, keepdims=True)
+    if options.greedy:
+        token = _first_true(logits_rv == max_r1, logits_rv == max_r1)
+        policy_logp = _logit_of(logits_rv, token) - _log_z(logits_rv, max_r1)
+        return token, jnp.zeros_like(policy_logp), policy_logp
+    if not options.changes_policy:
+        token, log_z = _categorical(logits_rv, max_r1, key)
+        logp = _logit_of(logits_rv, token) - log_z
+        return token, logp, logp
+    sample_logits = sampling_logits(logits_rv, options)
+    # Temperature and filters keep the top token, so the scaled maximum is max / T.
+    token, sample_log_z = _categorical(sample_logits, max_r1 / options.temperature, key)
+    return (token, _logit_of(sample_logits, token) - sample_log_z,
+            _logit_of(logits_rv, token) - _log_z(logits_rv, max_r1))
+
+
+# ------------------------------------------------------------------------------ rollout pytrees
+
+
+@struct.dataclass
+class Rollout:
+    """Generated rows; row r belongs to prompt r // n (a group's rows are contiguous)."""
+
+    prompt_ids: jax.Array  # [R, P] int32, left-padded with pad_id
+    prompt_mask: jax.Array  # [R, P] bool
+    response_ids: jax.Array  # [R, N] int32, pad_id after the end
+    response_mask: jax.Array  # [R, N] bool: sampled tokens up to and including the stop token
+    sample_logprobs: jax.Array  # [R, N] fp32: log-prob under the sampling distribution
+    policy_logprobs: jax.Array  # [R, N] fp32: log-prob under the T=1 policy
+    stopped: jax.Array  # [R] bool: ended with a stop token (else it hit the length limit)
+
+    @property
+    def response_lengths(self) -> jax.Array:
+        return jnp.sum(self.response_mask, axis=-1)
+
+    def finish_reasons(self) -> list[str]:
+        return ["stop" if s else "length" for s in np.asarray(self.stopped)]
+
+
+@struct.dataclass
+class DecodeState:
+    """The while-loop carry."""
+
+    step: jax.Array  # [] int32: the response slot filled next
+    tokens_rn: jax.Array  # [R, N] int32
+    sample_logp_rn: jax.Array  # [R, N] fp32
+    policy_logp_rn: jax.Array  # [R, N] fp32
+    length_r: jax.Array  # [R] int32: tokens in the response so far (stop token included)
+    done_r: jax.Array  # [R] bool
+    cache: "DecodeCache"
+
+
+# ---------------------------------------------------------------------------------- the program
+
+
+# Prefill and decode run the layers as a Python loop over per-layer weights, not `lax.scan`
+# over the stacked [L, ...] weights: XLA:CPU copies a scanned layer's weights out of the stack
+# on every step (and upcasts bf16 weights it slices inside a loop), which made decoding ~3x
+# slower. The price is compile time that grows with depth (SmolLM2's 30 layers: ~7 s).
+# Each layer's q/k/v and gate/up weights are also fused into one matrix each: at 16 rows a
+# matmul costs more in fixed overhead than in arithmetic, so fewer, larger matmuls win.
+
+
+def unstack_layers(params: Params, cfg: LlamaConfig) -> list[Params]:
+    """The stacked [L, ...] layer parameters as one tree per layer."""
+    return [jax.tree.map(lambda x: x[i], params["layers"]) for i in range(cfg.num_layers)]
+
+
+def fuse_layer(layer: Params, cfg: LlamaConfig) -> Params:
+    """One layer's weights with q/k/v fused per kv-head group and gate/up fused.
+
+    w_qkv [D, K, G + 2, E]: for kv head k, its G query heads (head h = k * G + g, as in
+    `llama.attend`), then its key, then its value, so a tensor split of K stays local.
+    w_gate_up [D, 2, F]. Norm weights and wo / w_down are kept as they are.
+    """
+    K, E = cfg.num_kv_heads, cfg.head_dim
+    G = cfg.num_heads // K
+    D = cfg.hidden_size
+
+    def group(q, k, v, lead):  # [*lead, H, E], [*lead, K, E] x 2 -> [*lead, K, G + 2, E]
+        return jnp.concatenate([q.reshape(*lead, K, G, E), k.reshape(*lead, K, 1, E),
+                                v.reshape(*lead, K, 1, E)], axis=-2)
+
+    fused = {name: layer[name] for name in ("attn_norm", "mlp_norm", "wo", "w_down",
+                                            "q_norm", "k_norm") if name in layer}
+    fused["w_qkv"] = group(layer["wq"], layer["wk"], layer["wv"], (D,))
+    if cfg.qkv_bias:
+        fused["b_qkv"] = group(layer["bq"], layer["bk"], layer["bv"], ())
+    fused["w_gate_up"] = jnp.stack([layer["w_gate"], layer["w_up"]], axis=1)
+    return fused
+
+
+FUSED_AXES = {  # logical axes of the fused per-layer weights (fsdp's `embed` split removed)
+    "attn_norm": ("act_embed",), "mlp_norm": ("act_embed",), "q_norm": ("head_dim",),
+    "k_norm": ("head_dim",), "w_qkv": (None, "kv_heads", None, "head_dim"),
+    "b_qkv": ("kv_heads", None, "head_dim"), "wo": ("heads", "head_dim", None),
+    "w_gate_up": (None, None, "mlp"), "w_down": ("mlp", None)}
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "mesh"))
+def decode_params(params: Params, cfg: LlamaConfig,
+                  mesh: Optional[Mesh] = None) -> tuple[Params, list[Params]]:
+    """(top-level params, fused per-layer params) as the sampler takes them, made in one pass.
+
+    Cast to the sampling dtype here, not inside the program: bf16 weights that arrive as bf16
+    run on XLA:CPU's bf16 kernels, while a cast inside gets folded into fp32 dots. Weights are
+    gathered along `embed` (their fsdp split), so the decode loop does not all-gather every
+    weight on every token; the tensor split of heads / mlp / vocab stays.
+    """
+    specs = llama.param_specs(cfg)
+    top = {name: constrain(value.astype(cfg.dtype), mesh,
+                           tuple(None if a == "embed" else a for a in specs[name].axes))
+           for name, value in params.items() if name != "layers"}
+    layers = []
+    for layer in unstack_layers(params, cfg):
+        fused = fuse_layer(jax.tree.map(lambda x: x.astype(cfg.dtype), layer), cfg)
+        layers.append({k: constrain(v, mesh, FUSED_AXES[k]) for k, v in fused.items()})
+    return top, layers
+
+
+def embed_tokens(embed_vd: jax.Array, tokens: jax.Array, dtype) -> jax.Array:
+    """Embedding rows of `tokens`. A 16-bit table is gathered as uint16 bits: XLA:CPU would
+    otherwise convert the whole table to fp32 first."""
+    if embed_vd.dtype.itemsize != 2:
+        return jnp.take(embed_vd, tokens, axis=0).astype(dtype)
+    bits = jnp.take(jax.lax.bitcast_convert_type(embed_vd, jnp.uint16), tokens, axis=0)
+    return jax.lax.bitcast_convert_type(bits, embed_vd.dtype).astype(dtype)
+
+
+def unembed(params: Params, cfg: LlamaConfig, h_xd: jax.Array) -> jax.Array:
+    """fp32 logits [..., V] (a tied embedding is contracted as stored, not transposed)."""
+    if cfg.tie_word_embeddings:
+        w_vd = params["embed"].astype(cfg.dtype)
+        return jnp.einsum("...d,vd->...v", h_xd, w_vd, preferred_element_type=jnp.float32)
+    w_dv = params["lm_head"].astype(cfg.dtype)
+    return jnp.einsum("...d,dv->...v", h_xd, w_dv, preferred_element_type=jnp.float32)
+
+
+@struct.dataclass
+class DecodeCache:
+    """The KV cache of the sampler: one array per layer (so XLA updates each in place inside
+    the loop) in layout [R, K, S, E] (so one-token attention needs no transposes). Slots [0, P)
+    hold the left-padded prompt, slot P + t response token t."""
+
+    k: tuple[jax.Array, ...]  # L x [R, K, S, E]
+    v: tuple[jax.Array, ...]  # L x [R, K, S, E]
+    valid_rs: jax.Array  # [R, S] bool: real prompt slots and every response slot
+    end: jax.Array  # [] int32: the slot the next token goes to
+
+    AXES = ("batch", "kv_heads", "cache_seq", "head_dim")
+
+
+def repeat_rows(x: jax.Array, n: int) -> jax.Array:
+    """Repeats every row (leading axis) n times: row r -> rows r*n .. r*n+n-1."""
+    return x if n == 1 else jnp.repeat(x, n, axis=0)
+
+
+def repeat_cache(cache: DecodeCache, n: int, mesh: Optional[Mesh]) -> DecodeCache:
+    """Each prompt's cache row repeated n times, for n samples per prompt."""
+    fix = lambda x: constrain(repeat_rows(x, n), mesh, DecodeCache.AXES)  # noqa: E731
+    return cache.replace(k=tuple(map(fix, cache.k)), v=tuple(map(fix, cache.v)),
+                         valid_rs=constrain(repeat_rows(cache.valid_rs, n), mesh,
+                                            ("batch", "cache_seq")))
+
+
+def _project_qkv(x_btd, layer, positions_bt, cfg: LlamaConfig, inv_freq):
+    """`llama.project_qkv` with the fused weight: q [B, T, K, G, E], k and v [B, T, K, E]."""
+    G = cfg.num_heads // cfg.num_kv_heads
+    qkv = llama.project("btd,dkce->btkce", x_btd, layer["w_qkv"], cfg.dtype)
+    if cfg.qkv_bias:
+        qkv = qkv + layer["b_qkv"].astype(cfg.dtype)
+    q, k, v = qkv[..., :G, :], qkv[..., G, :], qkv[..., G + 1, :]
+    if cfg.qk_norm:
+        q = llama.rms_norm(q, layer["q_norm"], cfg.rms_norm_eps)
+        k = llama.rms_norm(k, layer["k_norm"], cfg.rms_norm_eps)
+    B, T, K, _, E = q.shape
+    q = llama.apply_rope(q.reshape(B, T, K * G, E), positions_bt, inv_freq).reshape(q.shape)
+    return q, llama.apply_rope(k, positions_bt, inv_freq), v
+
+
+def _mlp(x_btd, layer, cfg: LlamaConfig) -> jax.Array:
+    gate_up = llama.project("btd,dcf->btcf", x_btd, layer["w_gate_up"], cfg.dtype)
+    hidden = jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1]
+    return llama.project("btf,fd->btd", hidden, layer["w_down"], cfg.dtype)
+
+
+def _block(h_btd, layer, attention, positions_bt, inv_freq, cfg: LlamaConfig, mesh):
+    """One decoder layer (`llama.block` on fused weights); `attention(q, k, v)` -> [B, T, H, E]
+    attends within the prompt (prefill) or against the cache (decode)."""
+    x = llama.rms_norm(h_btd, layer["attn_norm"], cfg.rms_norm_eps)
+    q, k, v = _project_qkv(x, layer, positions_bt, cfg, inv_freq)
+    attn_bthe, kv = attention(q, k, v)
+    h_btd = h_btd + llama.project("bthe,hed->btd", attn_bthe, layer["wo"], cfg.dtype)
+    h_btd = constrain(h_btd, mesh, ("batch", "seq", "act_embed"))
+    h_btd = h_btd + _mlp(llama.rms_norm(h_btd, layer["mlp_norm"], cfg.rms_norm_eps), layer, cfg)
+    return constrain(h_btd, mesh, ("batch", "seq", "act_embed")), kv
+
+
+def _prompt_pass(params, layers, cfg: LlamaConfig, tokens_bt, positions_bt, mask_bts, past,
+                 mesh):
+    """Runs T prompt tokens per row through every layer. Each attends to `past` (per layer,
+    (k, v) [B, C, K, E] of earlier tokens, or None) and to the T tokens, under `mask_bts`
+    [B, T, C + T]. Returns the hidden states [B, T, D] and per layer (k, v) [B, C + T, K, E]."""
+    B, T = tokens_bt.shape
+    inv_freq = llama.rope_inv_freq(cfg)
+
+    def attention_after(past_kv):
+        def attention(q_btkge, k_btke, v_btke):
+            if past_kv is not None:
+                k_btke = jnp.concatenate([past_kv[0], k_btke], axis=1)
+                v_btke = jnp.concatenate([past_kv[1], v_btke], axis=1)
+            q_bthe = q_btkge.reshape(B, T, cfg.num_heads, cfg.head_dim)
+            return llama.attend(q_bthe, k_btke, v_btke, mask_bts, cfg), (k_btke, v_btke)
+        return attention
+
+    h = constrain(embed_tokens(params["embed"], tokens_bt, cfg.dtype), mesh,
+                  ("batch", "seq", "act_embed"))
+    kvs = []
+    for i, layer in enumerate(layers):
+        attention = attention_after(None if past is None else past[i])
+        h, kv = _block(h, layer, attention, positions_bt, inv_freq, cfg, mesh)
+        kvs.append(kv)
+    return h, kvs
+
+
+def prefill(params: Params, layers: Sequence[Params], cfg: LlamaConfig, prefix_c: jax.Array,
+            prompt_bp: jax.Array, mask_bp: jax.Array, width: int, mesh: Optional[Mesh]):
+    """Runs the prompts through the model once (`layers` from `decode_params`).
+
+    `prefix_c` [C] holds tokens that every prompt starts with (C may be 0): they run once, as
+    one row, and all rows share their keys and values. `prompt_bp` holds the rest of each
+    prompt, left-padded, so the cache is [prefix | padding | rest | room for `width` tokens].
+    Returns the fp32 logits at the last prompt slot [B, V] and the cache.
+    """
+    B, P = prompt_bp.shape
+    C = prefix_c.shape[0]
+    past = None
+    if C:
+        causal_1cc = llama.attention_mask(jnp.ones((1, C), bool), jnp.arange(C)[None],
+                                          cfg.sliding_window)
+        _, past = _prompt_pass(params, layers, cfg, prefix_c[None], jnp.arange(C)[None],
+                               causal_1cc, None, mesh)
+        past = jax.tree.map(lambda x: jnp.broadcast_to(x, (B,) + x.shape[1:]), past)
+    valid_bs = jnp.concatenate([jnp.ones((B, C), bool), mask_bp.astype(bool)], axis=1)
+    mask_bps = llama.attention_mask(valid_bs, C + jnp.broadcast_to(jnp.arange(P), (B, P)),
+                                    cfg.sliding_window)
+    positions_bp = C + llama.default_positions(mask_bp)
+    h, kvs = _prompt_pass(params, layers, cfg, prompt_bp, positions_bp, mask_bps, past, mesh)
+    to_cache = lambda x_bske: constrain(  # noqa: E731
+        jnp.pad(x_bske.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, width), (0, 0))),
+        mesh, DecodeCache.AXES)
+    cache = DecodeCache(k=tuple(to_cache(k) for k, _ in kvs), v=tuple(to_cache(v) for _, v in kvs),
+                        valid_rs=jnp.concatenate([valid_bs, jnp.ones((B, width), bool)], axis=1),
+                        end=jnp.int32(C + P))
+    h_bd = llama.rms_norm(h[:, -1], params["final_norm"], cfg.rms_norm_eps)
+    return unembed(params, cfg, h_bd), cache
+
+
+def _attend_cache(q_rkge, k_cache_rkse, v_cache_rkse, mask_rs) -> jax.Array:
+    """One query per row against the cache (this token's key and value already written);
+    softmax in fp32. The cache is read only by the two matmuls: anything that reads it as a
+    fused elementwise op (an fp32 cast, say) makes XLA copy the whole cache every layer."""
+    scores_rkgs = jnp.einsum("rkge,rkse->rkgs", q_rkge, k_cache_rkse,
+                             preferred_element_type=jnp.float32) / math.sqrt(q_rkge.shape[-1])
+    scores_rkgs = jnp.where(mask_rs[:, None, None, :], scores_rkgs, -1e30)
+    probs_rkgs = jax.nn.softmax(scores_rkgs, axis=-1).astype(v_cache_rkse.dtype)
+    out = jnp.einsum("rkgs,rkse->rkge", probs_rkgs, v_cache_rkse,
+                     preferred_element_type=jnp.float32)
+    return out.astype(q_rkge.dtype)
+
+
+def decode_step(params: Params, layers: Sequence[Params], cfg: LlamaConfig, token_r: jax.Array,
+                position_r: jax.Array, cache: DecodeCache, mesh: Optional[Mesh]):
+    """Feeds one token per row (rope position `position_r`, cache slot `cache.end`); returns
+    fp32 logits [R, V] and the updated cache."""
+    R, slot = token_r.shape[0], cache.end
+    mask_rs = llama.attention_mask(cache.valid_rs, jnp.full((R, 1), slot),
+                                   cfg.sliding_window)[:, 0]
+    write = lambda c_rkse, x_rke: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
+        c_rkse, x_rke[:, :, None].astype(c_rkse.dtype), slot, 2)
+    h = constrain(embed_tokens(params["embed"], token_r[:, None], cfg.dtype), mesh,
+                  ("batch", "seq", "act_embed"))
+    inv_freq = llama.rope_inv_freq(cfg)
+    ks, vs = [], []
+    for layer, k_cache, v_cache in zip(layers, cache.k, cache.v):
+        def attention(q_r1kge, k_r1ke, v_r1ke, k_cache=k_cache, v_cache=v_cache):
+            k_cache, v_cache = write(k_cache, k_r1ke[:, 0]), write(v_cache, v_r1ke[:, 0])
+            out_rkge = _attend_cache(q_r1kge[:, 0], k_cache, v_cache, mask_rs)
+            return out_rkge.reshape(R, 1, cfg.num_heads, cfg.head_dim), (k_cache, v_cache)
+
+        h, (k_cache, v_cache) = _block(h, layer, attention, position_r[:, None], inv_freq,
+                                       cfg, mesh)
+        ks.append(k_cache)
+        vs.append(v_cache)
+    h_rd = llama.rms_norm(h[:, 0], params["final_norm"], cfg.rms_norm_eps)
+    return unembed(params, cfg, h_rd), cache.replace(k=tuple(ks), v=tuple(vs), end=slot + 1)
+
+
+def _record(state: DecodeState, token_r, sample_logp_r, policy_logp_r, stop_ids, pad_id):
+    """Writes one sampled token per row at `state.step`; finished rows get padding."""
+    active_r = ~state.done_r
+    token_r = jnp.where(active_r, token_r, pad_id)
+
+    def put(buffer_rn, column_r):
+        column = jnp.where(active_r, column_r, 0).astype(buffer_rn.dtype)
+        return jax.lax.dynamic_update_slice_in_dim(buffer_rn, column[:, None], state.step, 1)
+
+    is_stop = jnp.isin(token_r, jnp.asarray(stop_ids, jnp.int32)) if stop_ids else False
+    return state.replace(
+        step=state.step + 1,
+        tokens_rn=jax.lax.dynamic_update_slice_in_dim(state.tokens_rn, token_r[:, None],
+                                                      state.step, 1),
+        sample_logp_rn=put(state.sample_logp_rn, sample_logp_r),
+        policy_logp_rn=put(state.policy_logp_rn, policy_logp_r),
+        length_r=state.length_r + active_r.astype(jnp.int32),
+        done_r=state.done_r | (active_r & is_stop))
+
+
+def _initial_state(cache: DecodeCache, real_r, width: int, pad_id: int) -> DecodeState:
+    rows = real_r.shape[0]
+    return DecodeState(
+        step=jnp.zeros((), jnp.int32), tokens_rn=jnp.full((rows, width), pad_id, jnp.int32),
+        sample_logp_rn=jnp.zeros((rows, width), jnp.float32),
+        policy_logp_rn=jnp.zeros((rows, width), jnp.float32),
+        length_r=jnp.zeros((rows,), jnp.int32), done_r=~real_r, cache=cache)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """Everything about a sampler program that is fixed at compile time (hashable)."""
+
+    cfg: LlamaConfig
+    options: SamplingOptions
+    n: int
+    width: int
+    stop_ids: tuple[int, ...]
+    pad_id: int
+    mesh: Optional[Mesh]
+
+
+def _decode_loop(params, layers, static: _Static, state: DecodeState, prompt_len_r, key, limit):
+    """Samples until every row is done or `limit` tokens exist (no host round-trip)."""
+    def keep_going(s: DecodeState):
+        return (s.step < limit) & ~jnp.all(s.done_r)
+
+    def one_token(s: DecodeState):
+        last_r = jax.lax.dynamic_index_in_dim(s.tokens_rn, s.step - 1, axis=1, keepdims=False)
+        logits_rv, cache = decode_step(params, layers, static.cfg, last_r,
+                                       prompt_len_r + s.step - 1, s.cache, static.mesh)
+        sampled = sample_tokens(logits_rv, jax.random.fold_in(key, s.step), static.options)
+        return _record(s.replace(cache=cache), *sampled, static.stop_ids, static.pad_id)
+
+    return jax.lax.while_loop(keep_going, one_token, state)
+
+
+@struct.dataclass
+class Generated:
+    """What the program returns: the response columns of a `Rollout`."""
+
+    response_ids: jax.Array
+    response_mask: jax.Array
+    sample_logprobs: jax.Array
+    policy_logprobs: jax.Array
+    stopped: jax.Array
+
+
+@functools.partial(jax.jit, static_argnames=("static",))
+def _sample_program(params_and_layers, prefix_c, prompt_bp, mask_bp, real_b, key, max_new_tokens,
+                    static: _Static) -> Generated:
+    global _COMPILATIONS
+    _COMPILATIONS += 1
+    cfg, mesh, n = static.cfg, static.mesh, static.n
+    params, layers = params_and_layers
+    logits_bv, cache = prefill(params, layers, cfg, prefix_c, prompt_bp, mask_bp, static.width,
+                               mesh)
+    state = _initial_state(repeat_cache(cache, n, mesh), repeat_rows(real_b, n), static.width,
+                           static.pad_id)
+    sampled = sample_tokens(repeat_rows(logits_bv, n), jax.random.fold_in(key, 0), static.options)
+    state = _record(state, *sampled, static.stop_ids, static.pad_id)
+    prompt_len_r = repeat_rows(prefix_c.shape[0] + jnp.sum(mask_bp, axis=1, dtype=jnp.int32), n)
+    limit = jnp.minimum(max_new_tokens, static.width)
+    state = _decode_loop(params, layers, static, state, prompt_len_r, key, limit)
+    rows = lambda x: constrain(x, mesh, ("batch",) + (None,) * (x.ndim - 1))  # noqa: E731
+    return Generated(
+        response_ids=rows(state.tokens_rn),
+        response_mask=rows(jnp.arange(static.width)[None, :] < state.length_r[:, None]),
+        sample_logprobs=rows(state.sample_logp_rn), policy_logprobs=rows(state.policy_logp_rn),
+        stopped=rows(state.done_r))
+
+
+# ------------------------------------------------------------------------------ host-side entry
+
+
+def bucket(length: int, minimum: int, maximum: Optional[int] = None) -> int:
+    """The smallest of minimum x (1, 1.5, 2, 3, 4, 6, 8, ...) that holds `length`, capped at
+    `maximum`: at most 50% padding, two programs per doubling of the length."""
+    scale = 0
+    while True:
+        for size in (minimum << scale, (3 * minimum << scale) // 2):
+            if size >= length:
+                return min(size, maximum) if maximum is not None else size
+        scale += 1
+
+
+def batch_bucket(prompts: int, n: int, mesh: Optional[Mesh]) -> int:
+    """Prompt count rounded up to a power of two whose rows (x n) split evenly over the mesh."""
+    multiple = batch_size_multiple(mesh) if mesh is not None else 1
+    size = 1 << max(0, prompts - 1).bit_length()
+    while (size * n) % multiple:
+        size += 1
+    return size
+
+
+def check_prompts(prompts: Sequence[Sequence[int]], config: SamplerConfig) -> list[list[int]]:
+    """The prompts as lists; a clear error for no prompts, an empty prompt, or one longer than
+    `max_prompt_len` (unless `truncate_prompts`: then its last max_prompt_len tokens)."""
+    if len(prompts) == 0:
+        raise ValueError("generate: the prompt list is empty")
+    lengths = [len(p) for p in prompts]
+    if min(lengths) == 0:
+        raise ValueError(f"generate: prompt {lengths.index(0)} has no tokens")
+    longest = max(lengths)
+    if longest > config.max_prompt_len and not config.truncate_prompts:
+        raise ConfigError(
+            f"sampler.max_prompt_len: prompt {lengths.index(longest)} has {longest} tokens, more "
+            f"than max_prompt_len={config.max_prompt_len}; raise it or set truncate_prompts=true "
+            f"(keeps the last max_prompt_len tokens)")
+    return [[int(t) for t in p][-config.max_prompt_len:] for p in prompts]
+
+
+def left_pad(prompts: Sequence[Sequence[int]], width: int, pad_id: int,
+             batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """[batch, width] ids and mask, each prompt at the right end. Rows past the prompts (filling
+    a batch bucket) hold one pad token; their rows start finished."""
+    ids = np.full((batch, width), pad_id, np.int32)
+    mask = np.zeros((batch, width), bool)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = prompt
+        mask[row, width - len(prompt):] = True
+    mask[len(prompts):, -1] = True
+    return ids, mask
+
+
+def shared_prefix_len(prompts: Sequence[Sequence[int]], granularity: int) -> int:
+    """How many leading tokens all prompts share (a chat template's system prompt, say), rounded
+    down to a multiple of `granularity` and leaving every prompt at least one token of its own."""
+    limit = min(len(p) for p in prompts) - 1
+    heads = np.array([p[:limit] for p in prompts], np.int64).reshape(len(prompts), limit)
+    differs = np.any(heads != heads[:1], axis=0)
+    common = int(np.argmax(differs)) if differs.any() else limit
+    return common // granularity * granularity
+
+
+def default_stop_ids(tokenizer, extra: Sequence[int] = ()) -> tuple[int, ...]:
+    """EOS plus the chat end-of-turn tokens the vocabulary has, plus `extra`."""
+    ids = set(int(i) for i in extra)
+    if tokenizer is not None:
+        if tokenizer.eos_token_id is not None:
+            ids.add(int(tokenizer.eos_token_id))
+        vocab = tokenizer.get_vocab()
+        ids.update(vocab[t] for t in ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>") if t in vocab)
+    if not ids:
+        raise ConfigError("sampler.stop_token_ids: no tokenizer EOS and no stop ids given")
+    return tuple(sorted(ids))
+
+
+def sample(params: Params, cfg: LlamaConfig, mesh: Optional[Mesh],
+           prompts: Sequence[Sequence[int]], key: jax.Array,
+           config: SamplerConfig = SamplerConfig(), n: int = 1,
+           stop_ids: Sequence[int] = (), pad_id: int = 0) -> Rollout:
+    """Samples n responses per prompt (token ids); see the module docstring.
+
+    The returned arrays have one row per (prompt, sample) in prompt-major order, P = the prompt
+    length bucket, and N = config.max_new_tokens columns. Without `stop_ids` every row runs to
+    the length limit (benchmarks).
+    """
+    if n < 1:
+        raise ValueError(f"generate: n must be >= 1, got {n}")
+    prompts = check_prompts(prompts, config)
+    batch = batch_bucket(len(prompts), n, mesh)
+    full_width = bucket(max(map(len, prompts)), config.min_bucket, config.max_prompt_len)
+    ids_bp, mask_bp = left_pad(prompts, full_width, pad_id, batch)
+    # A shared prefix changes slot distances, which sliding windows compare: not for those.
+    share = config.share_prompt_prefix and cfg.sliding_window is None
+    prefix_len = shared_prefix_len(prompts, config.min_bucket) if share else 0
+    rest = [p[prefix_len:] for p in prompts]
+    rest_bp, rest_mask_bp = left_pad(rest, bucket(max(map(len, rest)), config.min_bucket),
+                                     pad_id, batch)
+    dtype = config.compute_dtype or cfg.compute_dtype
+    static = _Static(cfg=cfg.replace(compute_dtype=dtype, remat="none"),
+                     options=SamplingOptions.from_config(config), n=n,
+                     width=bucket(config.max_new_tokens, config.min_bucket),
+                     stop_ids=tuple(sorted(set(int(i) for i in stop_ids))), pad_id=int(pad_id),
+                     mesh=mesh)
+    generated = _sample_program(
+        decode_params(params, static.cfg, mesh), jnp.asarray(prompts[0][:prefix_len], jnp.int32),
+        _on_mesh(rest_bp, mesh), _on_mesh(rest_mask_bp, mesh),
+        _on_mesh(np.arange(batch) < len(prompts), mesh), key, jnp.int32(config.max_new_tokens),
+        static)
+    rollout = Rollout(prompt_ids=_on_mesh(np.repeat(ids_bp, n, axis=0), mesh),
+                      prompt_mask=_on_mesh(np.repeat(mask_bp, n, axis=0), mesh),
+                      **{f.name: getattr(generated, f.name)
+                         for f in dataclasses.fields(Generated)})
+    rows, columns = len(prompts) * n, config.max_new_tokens
+    if rollout.response_ids.shape == (rows, columns):
+        return rollout
+    return _trim(rollout, rows, columns)
+
+
+def _on_mesh(x: np.ndarray, mesh: Optional[Mesh]) -> jax.Array:
+    """Host array -> device array split along its leading (batch) axis."""
+    if mesh is None:
+        return jnp.asarray(x)
+    axes = ("batch",) + (None,) * (x.ndim - 1)
+    return jax.device_put(x, named_sharding(mesh, axes, x.shape))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _trim(rollout: Rollout, rows: int, columns: int) -> Rollout:
+    """Drops the rows and response columns that only exist to fill a bucket."""
+    trimmed = jax.tree.map(lambda x: x[:rows], rollout)
+    return trimmed.replace(**{name: getattr(trimmed, name)[:, :columns] for name in (
+        "response_ids", "response_mask", "sample_logprobs", "policy_logprobs")})
+
+
+def generate(model, prompts: Sequence[Sequence[int]], key: jax.Array,
+             config: SamplerConfig = SamplerConfig(), n: int = 1,
+             params: Optional[Params] = None) -> Rollout:
+    """`sample` for a `jaxcov.models.api.Model`: stop ids and padding from its tokenizer (EOS,
+    end-of-turn tokens, `config.stop_token_ids`); `params` overrides the model's (e.g. the
+    policy being trained)."""
+    tokenizer = model.tokenizer
+    stop_ids = default_stop_ids(tokenizer, config.stop_token_ids)
+    pad_id = tokenizer.pad_token_id if tokenizer is not None else None
+    pad_id = stop_ids[0] if pad_id is None else pad_id
+    return sample(model.params if params is None else params, model.config, model.mesh, prompts,
+                  key, config, n, stop_ids, pad_id)
+
+
+# ---------------------------------------------------------------------------------------- text
+
+
+@dataclasses.dataclass(frozen=True)
+class Completion:
+    """One decoded response."""
+
+    prompt_index: int
+    sample_index: int
+    text: str
+    num_tokens: int  # stop token included
+    finish_reason: str  # "stop" | "length"
+
+
+def encode_prompts(tokenizer, texts: Sequence[str], system: Optional[str] = None,
+                   chat: Optional[bool] = None) -> list[list[int]]:
+    """Token ids of user messages, through the chat template (with a generation prompt) when the
+    tokenizer has one and `chat` is not False; `system` replaces the template's system prompt."""
+    chat = bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat
+    if not chat:
+        return [tokenizer(t)["input_ids"] for t in texts]
+    ids = []
+    for text in texts:
+        messages = ([{"role": "system", "content": system}] if system is not None else []) + [
+            {"role": "user", "content": text}]
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False,
+                                                 add_generation_prompt=True)
+        # The template already holds BOS and friends; adding them again would double them.
+        ids.append(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+    return ids
+
+
+def decode_responses(tokenizer, rollout: Rollout, skip_special_tokens: bool = True) -> list[str]:
+    """The text of each row's response (its masked tokens)."""
+    ids, mask = np.asarray(rollout.response_ids), np.asarray(rollout.response_mask)
+    return tokenizer.batch_decode([row[m].tolist() for row, m in zip(ids, mask)],
+                                  skip_special_tokens=skip_special_tokens)
+
+
+def generate_text(model, texts: Sequence[str], key: jax.Array,
+                  config: SamplerConfig = SamplerConfig(), n: int = 1,
+                  system: Optional[str] = None, chat: Optional[bool] = None) -> list[Completion]:
+    """Samples n responses to each user message and decodes them (prompt-major order)."""
+    if model.tokenizer is None:
+        raise ConfigError("generate_text needs a model loaded with its tokenizer")
+    if len(texts) == 0:
+        raise ValueError("generate: the prompt list is empty")
+    rollout = generate(model, encode_prompts(model.tokenizer, texts, system, chat), key, config, n)
+    decoded = decode_responses(model.tokenizer, rollout)
+    lengths = np.asarray(rollout.response_lengths).tolist()
+    return [Completion(r // n, r % n, text, lengths[r], reason)
+            for r, (text, reason) in enumerate(zip(decoded, rollout.finish_reasons()))]
+
+
+def generate_cli(args: argparse.Namespace) -> int:
+    """`jaxcov generate MODEL --prompt TEXT [--prompt ...] [-n --temperature --top-p --top-k
+    --max-new-tokens --seed --system]`: prints each completion, then timing on stderr."""
+    from jaxcov.models.api import load_model
+
+    config = SamplerConfig(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, compute_dtype=getattr(args, "dtype", None),
+        max_prompt_len=getattr(args, "max_prompt_len", None) or SamplerConfig.max_prompt_len)
+    model = load_model(args.model, tokenizer=getattr(args, "tokenizer", "") or "")
+    start = time.perf_counter()
+    completions = generate_text(model, args.prompt, jax.random.key(args.seed), config, args.n,
+                                system=getattr(args, "system", None))
+    seconds = time.perf_counter() - start
+    for c in completions:
+        print(f"=== prompt {c.prompt_index + 1}, sample {c.sample_index + 1} "
+              f"({c.finish_reason}, {c.num_tokens} tokens)")
+        print(c.text)
+    tokens = sum(c.num_tokens for c in completions)
+    print(f"{tokens} tokens in {seconds:.1f} s ({tokens / seconds:.1f} tokens/s, compilation "
+          f"included; {compile_count()} sampler program(s) compiled)", file=sys.stderr)
+    return 0
