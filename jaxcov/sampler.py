@@ -1,17 +1,19 @@
-"""Rollout sampler: prefill a left-padded prompt batch once, then decode in one jitted while loop.
+"""Rollout sampler: prefill a prompt batch once, then decode in one jitted while loop.
 
     rollout = generate(model, prompt_ids, jax.random.key(0), SamplerConfig(max_new_tokens=64), n=8)
     texts = decode_responses(model.tokenizer, rollout)
 
-One call of `generate`:
-  host  check and left-pad the prompts; round prompt length, prompt count and response length
-        up to buckets (powers of two), so a run compiles a few programs, not one per batch.
-  jit   prefill the B prompts once -> repeat each cache row n times (row r belongs to prompt
-        r // n, so a GRPO group is contiguous) -> sample token 0 from the last prompt position ->
-        `lax.while_loop` that feeds one token per step through the KV cache and stops when every
-        row has produced a stop token or the length limit is reached. The cache lives in the loop
-        carry, so XLA updates it in place; nothing returns to the host until the loop ends.
-  host  trim the bucket padding away; decode text with the tokenizer.
+One call of `generate` / `sample`:
+  host  check the prompts; split off the prefix they all share (a chat template's system
+        prompt); left-pad the rest; round prompt length, prompt count and response length up
+        to buckets, so a run compiles a few programs, not one per batch.
+  jit   run the shared prefix once and each prompt's rest once -> repeat each prompt's cache
+        row n times (row r belongs to prompt r // n: a GRPO group is contiguous) -> sample
+        token 0 -> `lax.while_loop` that feeds one token per row per step through the KV cache
+        and stops when every row has produced a stop token or the length limit is reached.
+        The cache is made inside the program and lives in the loop carry, so XLA updates it in
+        place; nothing returns to the host until the loop ends.
+  host  trim the bucket padding; decode text with the tokenizer.
 
 Sampling (temperature, top-k, top-p, greedy) works on fp32 logits. Each step returns the
 log-prob of the sampled token under the distribution it was drawn from and under the plain T=1
@@ -19,7 +21,8 @@ policy (the one the loss scores), both from the same logits, so they are exact, 
 top-k / top-p thresholds are found by bisection on the float bit pattern (32 masked reductions)
 rather than a sort of the vocabulary, which is slow on CPU.
 
-Dimension letters: B prompts, R rows (B * n), P prompt slots, N response slots, V vocab.
+Dimension letters: B prompts, R rows (B * n), C shared prefix, P prompt slots, N response
+slots, S cache slots, V vocab, L layers, K kv heads, G query heads per kv head, E head dim.
 """
 
 from __future__ import annotations
@@ -259,8 +262,6 @@ class DecodeState:
 # over the stacked [L, ...] weights: XLA:CPU copies a scanned layer's weights out of the stack
 # on every step (and upcasts bf16 weights it slices inside a loop), which made decoding ~3x
 # slower. The price is compile time that grows with depth (SmolLM2's 30 layers: ~7 s).
-# Each layer's q/k/v and gate/up weights are also fused into one matrix each: at 16 rows a
-# matmul costs more in fixed overhead than in arithmetic, so fewer, larger matmuls win.
 
 
 def unstack_layers(params: Params, cfg: LlamaConfig) -> list[Params]:
@@ -268,55 +269,24 @@ def unstack_layers(params: Params, cfg: LlamaConfig) -> list[Params]:
     return [jax.tree.map(lambda x: x[i], params["layers"]) for i in range(cfg.num_layers)]
 
 
-def fuse_layer(layer: Params, cfg: LlamaConfig) -> Params:
-    """One layer's weights with q/k/v fused per kv-head group and gate/up fused.
-
-    w_qkv [D, K, G + 2, E]: for kv head k, its G query heads (head h = k * G + g, as in
-    `llama.attend`), then its key, then its value, so a tensor split of K stays local.
-    w_gate_up [D, 2, F]. Norm weights and wo / w_down are kept as they are.
-    """
-    K, E = cfg.num_kv_heads, cfg.head_dim
-    G = cfg.num_heads // K
-    D = cfg.hidden_size
-
-    def group(q, k, v, lead):  # [*lead, H, E], [*lead, K, E] x 2 -> [*lead, K, G + 2, E]
-        return jnp.concatenate([q.reshape(*lead, K, G, E), k.reshape(*lead, K, 1, E),
-                                v.reshape(*lead, K, 1, E)], axis=-2)
-
-    fused = {name: layer[name] for name in ("attn_norm", "mlp_norm", "wo", "w_down",
-                                            "q_norm", "k_norm") if name in layer}
-    fused["w_qkv"] = group(layer["wq"], layer["wk"], layer["wv"], (D,))
-    if cfg.qkv_bias:
-        fused["b_qkv"] = group(layer["bq"], layer["bk"], layer["bv"], ())
-    fused["w_gate_up"] = jnp.stack([layer["w_gate"], layer["w_up"]], axis=1)
-    return fused
-
-
-FUSED_AXES = {  # logical axes of the fused per-layer weights (fsdp's `embed` split removed)
-    "attn_norm": ("act_embed",), "mlp_norm": ("act_embed",), "q_norm": ("head_dim",),
-    "k_norm": ("head_dim",), "w_qkv": (None, "kv_heads", None, "head_dim"),
-    "b_qkv": ("kv_heads", None, "head_dim"), "wo": ("heads", "head_dim", None),
-    "w_gate_up": (None, None, "mlp"), "w_down": ("mlp", None)}
-
-
 @functools.partial(jax.jit, static_argnames=("cfg", "mesh"))
 def decode_params(params: Params, cfg: LlamaConfig,
                   mesh: Optional[Mesh] = None) -> tuple[Params, list[Params]]:
-    """(top-level params, fused per-layer params) as the sampler takes them, made in one pass.
+    """(top-level params, per-layer params) as the sampler takes them, made in one pass.
 
     Cast to the sampling dtype here, not inside the program: bf16 weights that arrive as bf16
     run on XLA:CPU's bf16 kernels, while a cast inside gets folded into fp32 dots. Weights are
     gathered along `embed` (their fsdp split), so the decode loop does not all-gather every
     weight on every token; the tensor split of heads / mlp / vocab stays.
     """
+    def prepare(x, spec: llama.ParamSpec):
+        axes = tuple(None if a == "embed" else a for a in spec.axes[-x.ndim:])
+        return constrain(x.astype(cfg.dtype), mesh, axes)
+
     specs = llama.param_specs(cfg)
-    top = {name: constrain(value.astype(cfg.dtype), mesh,
-                           tuple(None if a == "embed" else a for a in specs[name].axes))
-           for name, value in params.items() if name != "layers"}
-    layers = []
-    for layer in unstack_layers(params, cfg):
-        fused = fuse_layer(jax.tree.map(lambda x: x.astype(cfg.dtype), layer), cfg)
-        layers.append({k: constrain(v, mesh, FUSED_AXES[k]) for k, v in fused.items()})
+    top = {k: prepare(v, specs[k]) for k, v in params.items() if k != "layers"}
+    layers = [jax.tree.map(prepare, layer, specs["layers"], is_leaf=llama.is_spec)
+              for layer in unstack_layers(params, cfg)]
     return top, layers
 
 
@@ -341,8 +311,8 @@ def unembed(params: Params, cfg: LlamaConfig, h_xd: jax.Array) -> jax.Array:
 @struct.dataclass
 class DecodeCache:
     """The KV cache of the sampler: one array per layer (so XLA updates each in place inside
-    the loop) in layout [R, K, S, E] (so one-token attention needs no transposes). Slots [0, P)
-    hold the left-padded prompt, slot P + t response token t."""
+    the loop) in layout [R, K, S, E] (so one-token attention needs no transposes). Slots hold
+    [shared prefix | left padding | rest of the prompt | response tokens]."""
 
     k: tuple[jax.Array, ...]  # L x [R, K, S, E]
     v: tuple[jax.Array, ...]  # L x [R, K, S, E]
@@ -365,36 +335,19 @@ def repeat_cache(cache: DecodeCache, n: int, mesh: Optional[Mesh]) -> DecodeCach
                                             ("batch", "cache_seq")))
 
 
-def _project_qkv(x_btd, layer, positions_bt, cfg: LlamaConfig, inv_freq):
-    """`llama.project_qkv` with the fused weight: q [B, T, K, G, E], k and v [B, T, K, E]."""
-    G = cfg.num_heads // cfg.num_kv_heads
-    qkv = llama.project("btd,dkce->btkce", x_btd, layer["w_qkv"], cfg.dtype)
-    if cfg.qkv_bias:
-        qkv = qkv + layer["b_qkv"].astype(cfg.dtype)
-    q, k, v = qkv[..., :G, :], qkv[..., G, :], qkv[..., G + 1, :]
-    if cfg.qk_norm:
-        q = llama.rms_norm(q, layer["q_norm"], cfg.rms_norm_eps)
-        k = llama.rms_norm(k, layer["k_norm"], cfg.rms_norm_eps)
-    B, T, K, _, E = q.shape
-    q = llama.apply_rope(q.reshape(B, T, K * G, E), positions_bt, inv_freq).reshape(q.shape)
-    return q, llama.apply_rope(k, positions_bt, inv_freq), v
-
-
-def _mlp(x_btd, layer, cfg: LlamaConfig) -> jax.Array:
-    gate_up = llama.project("btd,dcf->btcf", x_btd, layer["w_gate_up"], cfg.dtype)
-    hidden = jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1]
-    return llama.project("btf,fd->btd", hidden, layer["w_down"], cfg.dtype)
-
-
 def _block(h_btd, layer, attention, positions_bt, inv_freq, cfg: LlamaConfig, mesh):
-    """One decoder layer (`llama.block` on fused weights); `attention(q, k, v)` -> [B, T, H, E]
+    """One decoder layer, as `llama.block`; `attention(q, k, v)` -> ([B, T, H, E], new cache)
     attends within the prompt (prefill) or against the cache (decode)."""
+    B, T, D = h_btd.shape
     x = llama.rms_norm(h_btd, layer["attn_norm"], cfg.rms_norm_eps)
-    q, k, v = _project_qkv(x, layer, positions_bt, cfg, inv_freq)
-    attn_bthe, kv = attention(q, k, v)
-    h_btd = h_btd + llama.project("bthe,hed->btd", attn_bthe, layer["wo"], cfg.dtype)
+    q, k, v = llama.project_qkv(x, layer, positions_bt, cfg, inv_freq)
+    attn_bthe, kv = attention(constrain(q, mesh, ("batch", "seq", "heads", "head_dim")), k, v)
+    # Flattening (h, e) first keeps XLA from transposing wo instead of the small activation.
+    wo_fd = layer["wo"].reshape(-1, D)
+    h_btd = h_btd + llama.project("btf,fd->btd", attn_bthe.reshape(B, T, -1), wo_fd, cfg.dtype)
     h_btd = constrain(h_btd, mesh, ("batch", "seq", "act_embed"))
-    h_btd = h_btd + _mlp(llama.rms_norm(h_btd, layer["mlp_norm"], cfg.rms_norm_eps), layer, cfg)
+    mlp_in = llama.rms_norm(h_btd, layer["mlp_norm"], cfg.rms_norm_eps)
+    h_btd = h_btd + llama.mlp(mlp_in, layer, cfg.dtype)
     return constrain(h_btd, mesh, ("batch", "seq", "act_embed")), kv
 
 
@@ -407,11 +360,10 @@ def _prompt_pass(params, layers, cfg: LlamaConfig, tokens_bt, positions_bt, mask
     inv_freq = llama.rope_inv_freq(cfg)
 
     def attention_after(past_kv):
-        def attention(q_btkge, k_btke, v_btke):
+        def attention(q_bthe, k_btke, v_btke):
             if past_kv is not None:
                 k_btke = jnp.concatenate([past_kv[0], k_btke], axis=1)
                 v_btke = jnp.concatenate([past_kv[1], v_btke], axis=1)
-            q_bthe = q_btkge.reshape(B, T, cfg.num_heads, cfg.head_dim)
             return llama.attend(q_bthe, k_btke, v_btke, mask_bts, cfg), (k_btke, v_btke)
         return attention
 
@@ -475,7 +427,7 @@ def decode_step(params: Params, layers: Sequence[Params], cfg: LlamaConfig, toke
                 position_r: jax.Array, cache: DecodeCache, mesh: Optional[Mesh]):
     """Feeds one token per row (rope position `position_r`, cache slot `cache.end`); returns
     fp32 logits [R, V] and the updated cache."""
-    R, slot = token_r.shape[0], cache.end
+    R, K, slot = token_r.shape[0], cfg.num_kv_heads, cache.end
     mask_rs = llama.attention_mask(cache.valid_rs, jnp.full((R, 1), slot),
                                    cfg.sliding_window)[:, 0]
     write = lambda c_rkse, x_rke: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
@@ -485,9 +437,10 @@ def decode_step(params: Params, layers: Sequence[Params], cfg: LlamaConfig, toke
     inv_freq = llama.rope_inv_freq(cfg)
     ks, vs = [], []
     for layer, k_cache, v_cache in zip(layers, cache.k, cache.v):
-        def attention(q_r1kge, k_r1ke, v_r1ke, k_cache=k_cache, v_cache=v_cache):
+        def attention(q_r1he, k_r1ke, v_r1ke, k_cache=k_cache, v_cache=v_cache):
             k_cache, v_cache = write(k_cache, k_r1ke[:, 0]), write(v_cache, v_r1ke[:, 0])
-            out_rkge = _attend_cache(q_r1kge[:, 0], k_cache, v_cache, mask_rs)
+            q_rkge = q_r1he.reshape(R, K, cfg.num_heads // K, cfg.head_dim)
+            out_rkge = _attend_cache(q_rkge, k_cache, v_cache, mask_rs)
             return out_rkge.reshape(R, 1, cfg.num_heads, cfg.head_dim), (k_cache, v_cache)
 
         h, (k_cache, v_cache) = _block(h, layer, attention, position_r[:, None], inv_freq,

@@ -12,7 +12,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), "jaxcov-test-xla-cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+# Through the environment, so subprocesses compile identical programs (and hit the cache).
+os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 
-import jax  # noqa: E402  (must come after XLA_FLAGS)
-
-jax.config.update("jax_default_matmul_precision", "highest")
+import jax  # noqa: E402,F401  (must come after XLA_FLAGS)

@@ -185,7 +185,7 @@ def test_top_k_and_top_p_masks_on_ties_and_extremes():
 
 # ------------------------------------------------------------------ rows, groups and stopping
 
-def base_sample(prompts=PROMPTS, key=0, config=BASE, mesh=None):
+def base_sample(prompts=PREFIXED, key=0, config=BASE, mesh=None):
     cfg = tiny_config("llama")
     return sampler.sample(tiny_params(cfg, mesh), cfg, mesh, prompts, jax.random.key(key),
                           config, 2, (1,), PAD)
@@ -222,7 +222,7 @@ def test_groups_are_contiguous_rows_of_one_prefill():
         rows = np.asarray(getattr(rollout, name))
         np.testing.assert_array_equal(rows[0::2], rows[1::2], err_msg=name)
     prompt_ids, prompt_mask = np.asarray(rollout.prompt_ids), np.asarray(rollout.prompt_mask)
-    for i, prompt in enumerate(PROMPTS):
+    for i, prompt in enumerate(PREFIXED):
         assert prompt_ids[2 * i][prompt_mask[2 * i]].tolist() == prompt
 
 
@@ -238,8 +238,8 @@ def test_shared_prompt_prefix_changes_nothing():
     assert sampler.shared_prefix_len(PREFIXED, 16) == 16
     assert sampler.shared_prefix_len(PREFIXED, 5) == 15  # 18 shared, rounded down
     assert sampler.shared_prefix_len([[1, 2, 3], [1, 2, 3]], 1) == 2  # one token stays own
-    shared = base_sample(PREFIXED, key=4)
-    separate = base_sample(PREFIXED, key=4,
+    shared = base_sample(key=4)
+    separate = base_sample(key=4,
                            config=dataclasses.replace(BASE, share_prompt_prefix=False))
     for name in ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "stopped"):
         np.testing.assert_array_equal(getattr(shared, name), getattr(separate, name), name)
@@ -250,14 +250,15 @@ def test_shared_prompt_prefix_changes_nothing():
 def test_bucketed_shapes_reuse_compiled_programs():
     base_sample()
     before = sampler.compile_count()
-    # Same buckets (prompt length 16, 4 prompts, response width 16): no new program.
+    # Same shapes (shared prefix 16, own part 16, 4 prompts, response width 16): no new program.
     longer = dataclasses.replace(BASE, max_new_tokens=14)
-    out = base_sample([[9] * 13, [4, 5], [6]], config=longer)
+    out = base_sample([SYSTEM + [9] * 13, SYSTEM + [4, 5], SYSTEM + [6]], config=longer)
     longest = dataclasses.replace(BASE, max_new_tokens=16)
-    base_sample([[7, 7, 7], [1] * 11, [2], [3]], config=longest)
+    base_sample([SYSTEM + [7, 7, 7], SYSTEM + [1] * 11, SYSTEM + [2], SYSTEM + [3]],
+                config=longest)
     assert sampler.compile_count() == before
-    assert out.response_ids.shape == (6, 14) and out.prompt_ids.shape == (6, 16)
-    base_sample([[9] * 20])  # a new prompt-length bucket (24): one more program
+    assert out.response_ids.shape == (6, 14) and out.prompt_ids.shape == (6, 32)
+    base_sample([SYSTEM + [9] * 20])  # a new bucket for the prompts' own part (24): +1
     assert sampler.compile_count() == before + 1
 
 
@@ -344,3 +345,25 @@ def test_greedy_matches_transformers_generate(smollm2):
 
     texts = sampler.decode_responses(smollm2.tokenizer, ours)
     assert texts[0].strip() == smollm2.tokenizer.decode(out[0], skip_special_tokens=True).strip()
+
+
+def test_generate_cli_prints_each_completion(capsys, monkeypatch):
+    """`jaxcov generate` end to end: a tiny random model with SmolLM2's tokenizer stands in for
+    the loaded model."""
+    import argparse
+
+    from jaxcov.models import api
+    from jaxcov.models.registry import load_tokenizer
+
+    tokenizer = load_tokenizer("smollm2-135m-instruct")
+    cfg = tiny_config("llama", vocab_size=len(tokenizer))
+    model = api.Model(cfg, tiny_params(cfg), single_device_mesh(), tokenizer)
+    monkeypatch.setattr(api, "load_model", lambda name, **kwargs: model)
+    args = argparse.Namespace(model="tiny", prompt=["Hi there", "What is 2+2?"], n=2,
+                              temperature=1.0, top_p=0.9, top_k=20, max_new_tokens=5, seed=3,
+                              system=None)
+    assert sampler.generate_cli(args) == 0
+    out, err = capsys.readouterr()
+    headers = [line for line in out.splitlines() if line.startswith("=== prompt")]
+    assert len(headers) == 4 and headers[0].startswith("=== prompt 1, sample 1 (")
+    assert "tokens/s" in err
