@@ -334,8 +334,8 @@ class SamplerConfig:
         min_bucket x (1, 1.5, 2, 3, 4, 6, ...), so a run compiles a few programs, not one per
         batch (and the prompt count to a power of two).
       share_prompt_prefix: run the leading tokens all prompts of a batch share (the chat
-        template's system prompt, say; rounded down to a multiple of min_bucket) once, not once
-        per prompt. Results are the same either way; off for sliding-window models.
+        template's system prompt, say; cut to a multiple of 8) once, not once per prompt.
+        Results are the same either way; off for sliding-window models.
     """
 
     max_new_tokens: int = 512

@@ -596,6 +596,10 @@ def left_pad(prompts: Sequence[Sequence[int]], width: int, pad_id: int,
     return ids, mask
 
 
+# The shared prefix is cut to a multiple of this, so a run sees few distinct prefix lengths.
+PREFIX_MULTIPLE = 8
+
+
 def shared_prefix_len(prompts: Sequence[Sequence[int]], granularity: int) -> int:
     """How many leading tokens all prompts share (a chat template's system prompt, say), rounded
     down to a multiple of `granularity` and leaving every prompt at least one token of its own."""
@@ -633,11 +637,9 @@ def sample(params: Params, cfg: LlamaConfig, mesh: Optional[Mesh],
         raise ValueError(f"generate: n must be >= 1, got {n}")
     prompts = check_prompts(prompts, config)
     batch = batch_bucket(len(prompts), n, mesh)
-    full_width = bucket(max(map(len, prompts)), config.min_bucket, config.max_prompt_len)
-    ids_bp, mask_bp = left_pad(prompts, full_width, pad_id, batch)
     # A shared prefix changes slot distances, which sliding windows compare: not for those.
     share = config.share_prompt_prefix and cfg.sliding_window is None
-    prefix_len = shared_prefix_len(prompts, config.min_bucket) if share else 0
+    prefix_len = shared_prefix_len(prompts, PREFIX_MULTIPLE) if share else 0
     rest = [p[prefix_len:] for p in prompts]
     rest_bp, rest_mask_bp = left_pad(rest, bucket(max(map(len, rest)), config.min_bucket),
                                      pad_id, batch)
@@ -652,6 +654,15 @@ def sample(params: Params, cfg: LlamaConfig, mesh: Optional[Mesh],
         _on_mesh(rest_bp, mesh), _on_mesh(rest_mask_bp, mesh),
         _on_mesh(np.arange(batch) < len(prompts), mesh), key, jnp.int32(config.max_new_tokens),
         static)
+    return _rollout(generated, prompts, config, n, pad_id, batch, mesh)
+
+
+def _rollout(generated: Generated, prompts: list[list[int]], config: SamplerConfig, n: int,
+             pad_id: int, batch: int, mesh: Optional[Mesh]) -> Rollout:
+    """The program's responses next to the whole prompts (left-padded, each repeated n times),
+    without the rows and columns that only fill a bucket."""
+    width = bucket(max(map(len, prompts)), config.min_bucket, config.max_prompt_len)
+    ids_bp, mask_bp = left_pad(prompts, width, pad_id, batch)
     rollout = Rollout(prompt_ids=_on_mesh(np.repeat(ids_bp, n, axis=0), mesh),
                       prompt_mask=_on_mesh(np.repeat(mask_bp, n, axis=0), mesh),
                       **{f.name: getattr(generated, f.name)
