@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 import signal
 import sys
@@ -55,7 +54,7 @@ class TrainingStopped(RuntimeError):
 # ------------------------------------------------------------------------------ validation
 
 
-def check_batch_shapes(config: ExperimentConfig, num_devices: int, mesh) -> None:
+def check_batch_shapes(config: ExperimentConfig, mesh) -> None:
     """Fails before any compile when batch sizes do not fit the mesh or each other."""
     t, n = config.train, config.algo.group_size
     rows = t.mini_batch_prompts * n
@@ -112,7 +111,7 @@ def _guarded_update(params, opt_state, batch, key, lr, **static):
 
 def build_context(config: ExperimentConfig) -> RunContext:
     mesh = make_mesh(config.mesh)
-    check_batch_shapes(config, len(jax.devices()), mesh)
+    check_batch_shapes(config, mesh)
     m = config.model
     model = load_model(m.name, mesh=mesh, dtype=m.param_dtype, compute_dtype=m.compute_dtype,
                        remat=m.remat, tokenizer=m.tokenizer, seed=config.seed)
@@ -193,6 +192,8 @@ def collect_rollouts(ctx: RunContext, params, key) -> tuple[batch_lib.RolloutBat
             break
     chosen, kept = batch_lib.fill_groups(merged, wanted, ctx.config.algo.filter_groups)
     metrics = _mean_dicts(metrics_per_round[:1])  # the first round is an unbiased sample
+    for phase in ("time/sample", "time/reward"):  # ... but time is spent in every round
+        metrics[phase] = float(sum(m[phase] for m in metrics_per_round))
     metrics.update({"batch/rounds": float(len(rounds)), "batch/informative_groups": float(kept),
                     "batch/informative_frac": kept / wanted})
     return chosen, metrics

@@ -16,10 +16,10 @@ from typing import Callable, Optional
 import jax
 import numpy as np
 from flax import traverse_util
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from jaxcov.config import ConfigError
-from jaxcov.models.llama import LlamaConfig, Params, ParamSpec, is_spec, param_specs
+from jaxcov.models.llama import LlamaConfig, Params, is_spec, param_specs
 from jaxcov.sharding import named_sharding
 
 # ------------------------------------------------------------------------- HF config <-> ours
