@@ -110,6 +110,72 @@ def export_command(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- analyze / repro
+
+
+def _fit_percent(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 100:
+        raise argparse.ArgumentTypeError(f"must be in (0, 100), got {text}")
+    return value
+
+
+def _analyze_args(p):
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (metrics.jsonl)")
+    p.add_argument("--fit-percent", type=_fit_percent, default=15.0,
+                   help="fit R = -a*exp(H) + b on the first p%% of steps too (default 15)")
+    p.add_argument("--out", default="", help="where report.md and the plots go (default: the "
+                   "run directory for one run, <common parent>/analysis for several)")
+
+
+@command("analyze", _analyze_args)
+def analyze_command(args) -> int:
+    """Fits R = -a*exp(H) + b, compares measured and predicted dH; writes report.md and plots."""
+    from jaxcov.analysis import analyze_command as run
+
+    return run(args)
+
+
+def _repro_args(p):
+    from jaxcov.repro import DEFAULT_STEPS
+
+    p.add_argument("--out", default="reports/repro", help="report, plots and copied metrics")
+    p.add_argument("--runs-dir", default="runs/repro", help="the three run directories")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="RL steps per run")
+    p.add_argument("--fit-percent", type=_fit_percent, default=15.0)
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides for all three runs")
+
+
+@command("repro", _repro_args)
+def repro_command(args) -> int:
+    """Runs GRPO, Clip-Cov and KL-Cov on the embedded task and reports the paper's findings."""
+    from jaxcov.repro import repro_command as run
+
+    return run(args)
+
+
+# -------------------------------------------------------------------------------------- plan
+
+
+def _plan_args(p):
+    _config_args(p)
+    p.add_argument("--topology", help="TPU slice: v4-N or v5p-N (N TensorCores, 2 per chip), "
+                   "v5litepod-N or v6e-N (N chips)")
+    p.add_argument("--devices", type=int, help="number of devices (e.g. GPUs), with --hbm-gib")
+    p.add_argument("--hbm-gib", type=float, help="memory per device in GiB, with --devices")
+    p.add_argument("--usable", type=float, default=None,
+                   help="fraction of HBM the plan may fill (default 0.9; the rest is headroom "
+                   "for XLA temporaries and fragmentation)")
+
+
+@command("plan", _plan_args)
+def plan_command(args) -> int:
+    """Per-device memory of a config on a TPU slice or GPUs; exit 2 (with a fix) if it won't fit."""
+    from jaxcov.plan import plan_command as run
+
+    return run(args)
+
+
 # ------------------------------------------------------------------------------------- main
 
 
@@ -128,8 +194,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         return int(args.run(args) or 0)
     except (ConfigError, FileNotFoundError) as e:
-        print(f"jaxcov: error: {e}", file=sys.stderr)
+        print(f"{_process_label()}jaxcov: error: {e}", file=sys.stderr)
         return 2
+
+
+def _process_label() -> str:
+    """'[process i/n] ' in a multi-process run (only commands that run JAX import the module)."""
+    distributed = sys.modules.get("jaxcov.distributed")
+    return distributed.log_prefix() if distributed is not None else ""
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Experiment configuration: frozen dataclasses are the schema, YAML files hold the values.
 
-`load_config(path, overrides)` reads a YAML file, applies dotted `section.key=value` overrides and
-builds an `ExperimentConfig`. Every problem (unknown key, wrong type, bad value, missing file) is a
+`load_config(path, overrides)` reads a YAML file (after the file its top-level `base:` names, if
+any), applies dotted `section.key=value` overrides and builds an `ExperimentConfig`. Every problem (unknown key, wrong type, bad value, missing file) is a
 `ConfigError` whose message is one line naming the key and where it came from; the CLI prints it
 and exits with status 2.
 
@@ -582,10 +582,37 @@ def read_yaml(path: str) -> dict:
     return values
 
 
+def _merge(base: dict, over: dict) -> dict:
+    """`over` on top of `base`, section by section (a non-mapping value replaces outright)."""
+    merged = dict(base)
+    for key, value in over.items():
+        both = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _merge(merged[key], value) if both else value
+    return merged
+
+
+def read_config_values(path: str, _seen: tuple[str, ...] = ()) -> dict:
+    """The YAML values of `path`. A top-level `base: FILE` (relative to this file) names a
+    config whose values this file's sections override key by key, so a variant (say, the mesh
+    for one TPU slice) restates only what differs."""
+    values = read_yaml(path)
+    base = values.pop("base", None)
+    if base is None:
+        return values
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: base: expected a config file name, got {base!r}")
+    base_path = os.path.normpath(os.path.join(os.path.dirname(path), base))
+    seen = _seen + (os.path.normpath(path),)
+    if base_path in seen:
+        raise ConfigError(f"{path}: base: {base} leads back to {base_path} (a cycle)")
+    return _merge(read_config_values(base_path, seen), values)
+
+
 def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None,
                 cls: type = ExperimentConfig) -> Any:
-    """Loads a config from a YAML file (or defaults when `path` is None) plus overrides."""
-    values = read_yaml(path) if path else {}
+    """Loads a config from a YAML file (or defaults when `path` is None; its `base:` first)
+    plus overrides."""
+    values = read_config_values(path) if path else {}
     values = apply_overrides(values, list(overrides or []))
     try:
         return build_dataclass(cls, values)

@@ -1,7 +1,9 @@
 """Held-out evaluation: greedy accuracy, and avg@k / pass@k at a sampling temperature.
 
 Correctness comes from the same verifiers as the training reward (with every other reward term
-switched off), so "accuracy" means exactly what `reward/accuracy` means during training.
+switched off), so "accuracy" means exactly what `reward/accuracy` means during training. In a
+multi-process run every process samples the same chunks, scores its own part of the responses,
+and returns the same metrics.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import numpy as np
 
 from jaxcov.config import ExperimentConfig, OverlongConfig
 from jaxcov.data import PromptDataset, eval_batches
-from jaxcov.rewards import score_batch
+from jaxcov.distributed import score_batch, to_host
 from jaxcov.sampler import generate
 
 
@@ -28,7 +30,7 @@ def _correct(model, params, examples, key, sampler_config, n, reward_config) -> 
     """[len(examples), n] bool: which samples of each example were correct."""
     rollout = generate(model, [e["prompt_ids"] for e in examples], key, sampler_config, n=n,
                        params=params)
-    ids, mask = np.asarray(rollout.response_ids), np.asarray(rollout.response_mask)
+    ids, mask = to_host(rollout.response_ids), to_host(rollout.response_mask)
     texts = model.tokenizer.batch_decode([r[m] for r, m in zip(ids, mask)],
                                          skip_special_tokens=True)
     rows = [e for e in examples for _ in range(n)]

@@ -299,6 +299,32 @@ TOKEN_SELECTORS: dict[str, Selector] = {"ppo_clip": select_nothing, "clip_cov": 
                                         "kl_cov": select_kl_cov}
 
 
+def mini_batch_counts(mask_bt: Array, algo: AlgoConfig) -> dict[str, Array]:
+    """The loss normalisers of a mini-batch: they depend on the mask only, not on the policy."""
+    valid_bt = mask_bt > 0
+    return {"token_count": masked_count(mask_bt),
+            "seq_count": jnp.sum(jnp.any(valid_bt, axis=1)).astype(jnp.float32),
+            "norm_length": jnp.float32(algo.loss_norm_length or mask_bt.shape[1])}
+
+
+def selection_metrics(logp_bt: Array, advantages_bt: Array, mask_bt: Array, counts: dict,
+                      entropy_bt: Optional[Array] = None,
+                      learning_rate: Optional[Array | float] = None) -> dict[str, Array]:
+    """Covariance, advantage and entropy statistics of the whole mini-batch (no gradient);
+    `counts` is its `mini_batch_counts`."""
+    logp_bt, entropy_bt = jax.lax.stop_gradient((logp_bt, entropy_bt))
+    cov = covariance_metrics(token_covariance(logp_bt, advantages_bt, mask_bt), mask_bt)
+    metrics = {**cov, "batch/valid_tokens": counts["token_count"],
+               "batch/valid_seqs": counts["seq_count"],
+               "adv/mean": masked_mean(advantages_bt, mask_bt),
+               "adv/std": jnp.sqrt(masked_var(advantages_bt, mask_bt))}
+    if entropy_bt is not None:
+        metrics["actor/entropy"] = masked_mean(entropy_bt, mask_bt)
+    if learning_rate is not None:
+        metrics["cov/pred_dH"] = predicted_entropy_change(cov["cov/mean"], learning_rate)
+    return metrics
+
+
 def select_tokens(logp_bt: Array, old_logp_bt: Array, advantages_bt: Array, mask_bt: Array,
                   key: Array, algo: AlgoConfig, entropy_bt: Optional[Array] = None,
                   learning_rate: Optional[Array | float] = None) -> TokenSelection:
@@ -307,27 +333,14 @@ def select_tokens(logp_bt: Array, old_logp_bt: Array, advantages_bt: Array, mask
     Give it the WHOLE mini-batch (all micro-batches, all devices) and the current parameters'
     log-probs; the micro-batch loss passes then reuse `selected_bt` and the counts.
     """
-    logp_bt, entropy_bt = jax.lax.stop_gradient((logp_bt, entropy_bt))
     old_logp_bt, advantages_bt, mask_bt = map(jnp.asarray, (old_logp_bt, advantages_bt, mask_bt))
     selector = TOKEN_SELECTORS[algo.policy_loss]
-    selected_bt, metrics = selector(logp_bt, old_logp_bt, advantages_bt, mask_bt, key, algo)
-    valid_bt = mask_bt > 0
-    cov = covariance_metrics(token_covariance(logp_bt, advantages_bt, mask_bt), mask_bt)
-    metrics.update(cov)
-    metrics.update({
-        "batch/valid_tokens": masked_count(mask_bt),
-        "batch/valid_seqs": jnp.sum(jnp.any(valid_bt, axis=1)).astype(jnp.float32),
-        "adv/mean": masked_mean(advantages_bt, mask_bt),
-        "adv/std": jnp.sqrt(masked_var(advantages_bt, mask_bt)),
-    })
-    if entropy_bt is not None:
-        metrics["actor/entropy"] = masked_mean(entropy_bt, mask_bt)
-    if learning_rate is not None:
-        metrics["cov/pred_dH"] = predicted_entropy_change(cov["cov/mean"], learning_rate)
-    norm_length = jnp.float32(algo.loss_norm_length or mask_bt.shape[1])
-    return TokenSelection(selected_bt=selected_bt, token_count=metrics["batch/valid_tokens"],
-                          seq_count=metrics["batch/valid_seqs"], norm_length=norm_length,
-                          metrics=metrics)
+    selected_bt, metrics = selector(jax.lax.stop_gradient(logp_bt), old_logp_bt, advantages_bt,
+                                    mask_bt, key, algo)
+    counts = mini_batch_counts(mask_bt, algo)
+    metrics.update(selection_metrics(logp_bt, advantages_bt, mask_bt, counts, entropy_bt,
+                                     learning_rate))
+    return TokenSelection(selected_bt=selected_bt, **counts, metrics=metrics)
 
 
 def loss_inputs(logp_bt: Array, old_logp_bt: Array, advantages_bt: Array, mask_bt: Array,
@@ -344,9 +357,13 @@ def loss_inputs(logp_bt: Array, old_logp_bt: Array, advantages_bt: Array, mask_b
 
 def batch_loss(logp_bt: Array, old_logp_bt: Array, advantages_bt: Array, mask_bt: Array,
                key: Array, algo: AlgoConfig, entropy_bt: Optional[Array] = None,
-               ref_logp_bt: Optional[Array] = None) -> tuple[Array, dict[str, Array]]:
-    """Selection and loss on one batch that is the whole mini-batch (no accumulation)."""
-    selection = select_tokens(logp_bt, old_logp_bt, advantages_bt, mask_bt, key, algo, entropy_bt)
+               ref_logp_bt: Optional[Array] = None,
+               learning_rate: Optional[Array | float] = None) -> tuple[Array, dict[str, Array]]:
+    """Selection and loss on one batch that is the whole mini-batch (no accumulation).
+
+    Differentiable in logp_bt: the selection sees it through stop_gradient only."""
+    selection = select_tokens(logp_bt, old_logp_bt, advantages_bt, mask_bt, key, algo, entropy_bt,
+                              learning_rate)
     x = loss_inputs(logp_bt, old_logp_bt, advantages_bt, mask_bt, selection, entropy_bt,
                     ref_logp_bt)
     loss, metrics = total_loss(x, algo)

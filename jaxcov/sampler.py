@@ -42,6 +42,7 @@ from flax import struct
 from jax.sharding import Mesh
 
 from jaxcov.config import ConfigError, SamplerConfig
+from jaxcov.distributed import to_global, to_host
 from jaxcov.models import llama
 from jaxcov.models.llama import LlamaConfig, Params
 from jaxcov.sharding import batch_size_multiple, constrain, named_sharding
@@ -239,7 +240,7 @@ class Rollout:
         return jnp.sum(self.response_mask, axis=-1)
 
     def finish_reasons(self) -> list[str]:
-        return ["stop" if s else "length" for s in np.asarray(self.stopped)]
+        return ["stop" if s else "length" for s in to_host(self.stopped)]
 
 
 @struct.dataclass
@@ -678,7 +679,7 @@ def _on_mesh(x: np.ndarray, mesh: Optional[Mesh]) -> jax.Array:
     if mesh is None:
         return jnp.asarray(x)
     axes = ("batch",) + (None,) * (x.ndim - 1)
-    return jax.device_put(x, named_sharding(mesh, axes, x.shape))
+    return to_global(x, named_sharding(mesh, axes, x.shape))
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
@@ -737,7 +738,7 @@ def encode_prompts(tokenizer, texts: Sequence[str], system: Optional[str] = None
 
 def decode_responses(tokenizer, rollout: Rollout, skip_special_tokens: bool = True) -> list[str]:
     """The text of each row's response (its masked tokens)."""
-    ids, mask = np.asarray(rollout.response_ids), np.asarray(rollout.response_mask)
+    ids, mask = to_host(rollout.response_ids), to_host(rollout.response_mask)
     return tokenizer.batch_decode([row[m].tolist() for row, m in zip(ids, mask)],
                                   skip_special_tokens=skip_special_tokens)
 
@@ -752,7 +753,7 @@ def generate_text(model, texts: Sequence[str], key: jax.Array,
         raise ValueError("generate: the prompt list is empty")
     rollout = generate(model, encode_prompts(model.tokenizer, texts, system, chat), key, config, n)
     decoded = decode_responses(model.tokenizer, rollout)
-    lengths = np.asarray(rollout.response_lengths).tolist()
+    lengths = to_host(rollout.response_lengths).tolist()
     return [Completion(r // n, r % n, text, lengths[r], reason)
             for r, (text, reason) in enumerate(zip(decoded, rollout.finish_reasons()))]
 

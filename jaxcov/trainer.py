@@ -12,6 +12,11 @@ One step:
 The trainer state (params, optimizer state, step, RNG) lives on the mesh; the data position and
 bookkeeping live in the checkpoint's JSON record, so a restart in the same run directory resumes
 exactly. SIGTERM / SIGINT finish the current step, save, and exit 0.
+
+Multi-host: one process per host runs this same loop on the same host-side data (seeds, prompt
+order); each puts only its own slice of every batch on its devices, verifies its own part of
+the responses (rewards are all-gathered), and process 0 alone writes metrics, plots and the HF
+export, while orbax checkpoints are written by all together (`jaxcov.distributed`).
 """
 
 from __future__ import annotations
@@ -32,19 +37,21 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxcov import advantages as advantages_lib
 from jaxcov import batch as batch_lib
+from jaxcov import distributed
 from jaxcov.checkpoint import Checkpointer
 from jaxcov.config import ConfigError, ExperimentConfig, load_config, to_dict
 from jaxcov.data import PromptIterator, load_datasets
 from jaxcov.entropy import masked_mean
 from jaxcov.evaluation import evaluate
-from jaxcov.metrics import make_sink, read_metrics, summary_table, write_plots, METRICS_FILE
+from jaxcov.metrics import (MetricsSink, make_sink, read_metrics, summary_table, write_plots,
+                            METRICS_FILE)
 from jaxcov.models.api import Model, load_model
 from jaxcov.models.logprobs import token_logprobs
 from jaxcov.optim import make_optimizer
-from jaxcov.rewards import close_scorers, score_batch
+from jaxcov.rewards import close_scorers
 from jaxcov.sampler import compile_count, generate
-from jaxcov.sharding import batch_size_multiple, make_mesh, named_sharding
-from jaxcov.update import MiniBatch, update_policy
+from jaxcov.sharding import batch_size_multiple, constrain, make_mesh, named_sharding
+from jaxcov.update import MiniBatch, merge_micro_batches, split_micro_batches, update_policy
 
 
 class TrainingStopped(RuntimeError):
@@ -99,6 +106,19 @@ def logprob_function(cfg, mesh, chunk):
     return logprobs
 
 
+def scoring_function(logprob_fn, micro_rows: int, mesh):
+    """Jitted (params, tokens_bt, mask_bt) -> (logp_bt, entropy_bt) for a whole step batch, run
+    `micro_rows` rows at a time, so scoring never holds more activations than one update
+    micro-batch (the step batch can be many mini-batches)."""
+    def score(params, tokens_bt, attention_mask_bt):
+        rows = tokens_bt.shape[0]
+        if rows <= micro_rows or rows % micro_rows:
+            return logprob_fn(params, tokens_bt, attention_mask_bt)
+        micro = split_micro_batches((tokens_bt, attention_mask_bt), rows // micro_rows, mesh)
+        return merge_micro_batches(jax.lax.map(lambda x: logprob_fn(params, *x), micro))
+    return jax.jit(score)
+
+
 def _guarded_update(params, opt_state, batch, key, lr, **static):
     """`update_policy`, keeping the old params and optimizer state when anything is non-finite."""
     new_params, new_opt_state, metrics = update_policy(params, opt_state, batch, key, lr, **static)
@@ -127,7 +147,7 @@ def build_context(config: ExperimentConfig) -> RunContext:
     return RunContext(
         config=config, model=model, optimizer=optimizer, schedule=schedule,
         update_fn=jax.jit(update, donate_argnums=(0, 1)),
-        score_fn=jax.jit(logprob_fn),
+        score_fn=scoring_function(logprob_fn, micro, mesh),
         data=PromptIterator(train_set, t.prompts_per_step, config.data.seed, config.data.shuffle),
         eval_data=eval_set, base_key=jax.random.key(config.seed),
         ref_params=jax.tree.map(jnp.copy, model.params) if config.algo.ref_kl_coef > 0 else None)
@@ -149,29 +169,32 @@ def _on_mesh_replicated(mesh, x: jax.Array) -> jax.Array:
     so a restored state is placed exactly like a fresh one."""
     if isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh:
         return x
-    return jax.device_put(x, NamedSharding(mesh, PartitionSpec()))
+    return distributed.to_global(x, NamedSharding(mesh, PartitionSpec()))
 
 
 # ---------------------------------------------------------------------------------- rollout
 
 
 def _decode(tokenizer, rollout) -> list[str]:
-    ids, mask = np.asarray(rollout.response_ids), np.asarray(rollout.response_mask)
+    """Response texts of a rollout already on the host."""
+    ids, mask = rollout.response_ids, rollout.response_mask
     ids = np.clip(ids, 0, len(tokenizer) - 1)  # a policy with non-finite weights samples junk ids
     return tokenizer.batch_decode([row[m] for row, m in zip(ids, mask)], skip_special_tokens=True)
 
 
 def sample_and_score(ctx: RunContext, params, examples: list, key) -> tuple[Any, dict]:
-    """One round: n responses for each example, decoded and scored."""
+    """One round: n responses for each example, decoded and scored (each process verifies its
+    own part of the responses; all get every reward)."""
     n = ctx.config.algo.group_size
     start = time.perf_counter()
     rollout = generate(ctx.model, [e["prompt_ids"] for e in examples], key,
                        ctx.config.sampler, n=n, params=params)
+    rollout = distributed.tree_to_host(rollout)
     texts = _decode(ctx.model.tokenizer, rollout)
     sampled = time.perf_counter()
     rows = [e for e in examples for _ in range(n)]
-    lengths = np.asarray(rollout.response_lengths).tolist()
-    rewards, reward_metrics = score_batch(texts, rows, lengths, ctx.config)
+    lengths = rollout.response_mask.sum(axis=1).tolist()
+    rewards, reward_metrics = distributed.score_batch(texts, rows, lengths, ctx.config)
     reward_metrics["time/sample"] = sampled - start
     reward_metrics["time/reward"] = time.perf_counter() - sampled
     return batch_lib.from_rollout(rollout, examples, n, texts, rewards), reward_metrics
@@ -209,7 +232,7 @@ def _mean_dicts(dicts: list[dict]) -> dict:
 
 def _on_mesh(ctx: RunContext, x: np.ndarray) -> jax.Array:
     axes = ("batch",) + (None,) * (x.ndim - 1)
-    return jax.device_put(x, named_sharding(ctx.mesh, axes, x.shape))
+    return distributed.to_global(x, named_sharding(ctx.mesh, axes, x.shape))
 
 
 def prepare_batch(ctx: RunContext, params, rollout: batch_lib.RolloutBatch) -> tuple[dict, dict]:
@@ -243,14 +266,16 @@ def _mini_batches(ctx: RunContext, arrays: dict, key) -> list[MiniBatch]:
         order = np.asarray(jax.random.permutation(jax.random.fold_in(key, epoch), groups))
         for start in range(0, groups, per_mini):
             rows = np.concatenate([np.arange(g * n, (g + 1) * n) for g in order[start:start + per_mini]])
-            rows = jnp.asarray(rows)
-            batches.append(MiniBatch(**{k: _on_mesh_rows(ctx, v, rows) for k, v in arrays.items()}))
+            batches.append(MiniBatch(**_take_rows(arrays, rows, ctx.mesh)))
     return batches
 
 
-def _on_mesh_rows(ctx: RunContext, x: jax.Array, rows: jax.Array) -> jax.Array:
-    taken = jnp.take(x, rows, axis=0)
-    return jax.device_put(taken, named_sharding(ctx.mesh, ("batch", None), taken.shape))
+@functools.partial(jax.jit, static_argnames=("mesh",))
+def _take_rows(arrays: dict, rows, mesh) -> dict:
+    """The given rows of every [B, ...] array, split over the batch axes again: one program,
+    on device (so also across hosts), nothing through host memory."""
+    return {k: constrain(jnp.take(x, rows, axis=0), mesh, ("batch",) + (None,) * (x.ndim - 1))
+            for k, x in arrays.items()}
 
 
 def run_updates(ctx: RunContext, state: dict, arrays: dict, key) -> tuple[dict, dict]:
@@ -352,7 +377,7 @@ def restore_or_init(ctx: RunContext, checkpointer: Checkpointer) -> tuple[dict, 
         return state, {"bad_steps": 0}
     state, meta = checkpointer.restore(step, state)
     ctx.data.load_state_dict(meta["data"])
-    print(f"jaxcov: resumed from step {step} in {ctx.config.train.run_dir}", file=sys.stderr)
+    distributed.log(f"jaxcov: resumed from step {step} in {ctx.config.train.run_dir}")
     return state, meta
 
 
@@ -370,7 +395,7 @@ def maybe_evaluate(ctx: RunContext, state: dict, step: int, final: bool) -> dict
 
 
 def _progress(ctx: RunContext, start_step: int):
-    if not ctx.config.train.progress:
+    if not ctx.config.train.progress or not distributed.is_main_process():
         return None
     from tqdm import tqdm
 
@@ -386,17 +411,30 @@ def _check_bad_steps(metrics: dict, meta: dict, limit: int, step: int) -> None:
             f"{step}); stopped. The last checkpoint holds the last good parameters.")
 
 
+def _sink(ctx: RunContext, step: int) -> MetricsSink:
+    """Metric writers; in a multi-process run only process 0 has any."""
+    t = ctx.config.train
+    if not distributed.is_main_process():
+        return MetricsSink([])
+    return make_sink(t.run_dir, step if step else None, t.tensorboard, t.wandb_project or None,
+                     to_dict(ctx.config))
+
+
+def _stop_requested(stop: StopSignal) -> bool:
+    """A signal reached any process (all of them must stop at the same step)."""
+    return distributed.any_process(stop.received is not None)
+
+
 def train_loop(ctx: RunContext, checkpointer: Checkpointer, stop: StopSignal) -> dict:
     t = ctx.config.train
     state, meta = restore_or_init(ctx, checkpointer)
     step = int(state["step"])
-    sink = make_sink(t.run_dir, step if step else None, t.tensorboard, t.wandb_project or None,
-                     to_dict(ctx.config))
+    sink = _sink(ctx, step)
     bar = _progress(ctx, step)
     try:
         if step == 0:
             sink.write(0, maybe_evaluate(ctx, state, 0, final=False) or {})
-        while step < t.steps and stop.received is None:
+        while step < t.steps and not _stop_requested(stop):
             state, metrics = rl_step(ctx, state)
             step = int(state["step"])
             metrics.update(maybe_evaluate(ctx, state, step, final=step == t.steps))
@@ -409,9 +447,11 @@ def train_loop(ctx: RunContext, checkpointer: Checkpointer, stop: StopSignal) ->
                 bar.update(1)
                 bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}",
                                 entropy=f"{metrics['rollout/entropy']:.3f}")
-        if stop.received is not None and step < t.steps:
+        if step < t.steps:  # stopped by a signal
             _save(checkpointer, ctx, state, meta)
-            print(f"jaxcov: signal {stop.received}: saved step {step}, exiting", file=sys.stderr)
+            reason = (f"signal {stop.received}" if stop.received is not None
+                      else "another process got a stop signal")
+            distributed.log(f"jaxcov: {reason}: saved step {step}, exiting")
     finally:
         if bar is not None:
             bar.close()
@@ -420,25 +460,33 @@ def train_loop(ctx: RunContext, checkpointer: Checkpointer, stop: StopSignal) ->
 
 
 def finish_run(ctx: RunContext, state: dict) -> None:
-    """Summary table, plots, and the optional HF export, at the end of a completed run."""
-    records = read_metrics(os.path.join(ctx.config.train.run_dir, METRICS_FILE))
-    print(summary_table([r for r in records if r["step"] > 0]))
-    plots = write_plots(ctx.config.train.run_dir, records)
-    if plots:
-        print("plots: " + ", ".join(plots))
+    """Summary table, plots, and the optional HF export, at the end of a completed run (written
+    by process 0; every process takes part in gathering the parameters for the export)."""
+    main = distributed.is_main_process()
+    if main:
+        records = read_metrics(os.path.join(ctx.config.train.run_dir, METRICS_FILE))
+        print(summary_table([r for r in records if r["step"] > 0]))
+        plots = write_plots(ctx.config.train.run_dir, records)
+        if plots:
+            print("plots: " + ", ".join(plots))
     if ctx.config.train.export_hf:
         from jaxcov.models.loading import export_hf
 
-        out = os.path.join(ctx.config.train.run_dir, "hf")
-        export_hf(out, state["params"], ctx.model.config, ctx.model.tokenizer)
-        print(f"exported the policy to {out}")
+        params = state["params"]
+        if jax.process_count() > 1:  # export_hf reads whole leaves: every process helps gather
+            params = distributed.tree_to_host(params)
+        if main:
+            out = os.path.join(ctx.config.train.run_dir, "hf")
+            export_hf(out, params, ctx.model.config, ctx.model.tokenizer)
+            print(f"exported the policy to {out}")
 
 
 def train(config: ExperimentConfig) -> int:
     """Runs (or resumes) the experiment; returns the process exit status."""
     os.makedirs(config.train.run_dir, exist_ok=True)
-    with open(os.path.join(config.train.run_dir, "config.yaml"), "w") as f:
-        yaml.safe_dump(to_dict(config), f, sort_keys=False)
+    if distributed.is_main_process():
+        with open(os.path.join(config.train.run_dir, "config.yaml"), "w") as f:
+            yaml.safe_dump(to_dict(config), f, sort_keys=False)
     ctx = build_context(config)
     checkpointer = Checkpointer(os.path.join(config.train.run_dir, "checkpoints"),
                                 keep=config.train.keep_checkpoints)
@@ -449,7 +497,7 @@ def train(config: ExperimentConfig) -> int:
             finish_run(ctx, state)
         return 0
     except TrainingStopped as e:
-        print(f"jaxcov: error: {e}", file=sys.stderr)
+        distributed.log(f"jaxcov: error: {e}")
         return 1
     finally:
         checkpointer.close()
@@ -457,7 +505,9 @@ def train(config: ExperimentConfig) -> int:
 
 
 def train_command(args) -> int:
-    return train(load_config(args.config, args.overrides))
+    config = load_config(args.config, args.overrides)
+    distributed.maybe_initialize()  # before anything touches a device
+    return train(config)
 
 
 def eval_command(args) -> int:
@@ -465,6 +515,7 @@ def eval_command(args) -> int:
     config = load_config(args.config, args.overrides)
     if config.data.eval_size == 0 and not config.data.eval_source:
         raise ConfigError("eval needs a held-out split: set data.eval_size or data.eval_source")
+    distributed.maybe_initialize()  # before anything touches a device
     ctx = build_context(config)
     state = initial_state(ctx)
     run_dir = args.checkpoint or config.train.run_dir
@@ -474,13 +525,15 @@ def eval_command(args) -> int:
         step = checkpointer.latest_step()
         if step is not None:
             state, _ = checkpointer.restore(step, state)
-            print(f"evaluating step {step} of {run_dir}")
+            if distributed.is_main_process():
+                print(f"evaluating step {step} of {run_dir}")
         checkpointer.close()
     t = config.train
     metrics = evaluate(ctx.model, state["params"], ctx.eval_data, config,
                        jax.random.fold_in(ctx.base_key, 10**6), k=t.eval_samples,
                        temperature=t.eval_temperature, max_examples=t.eval_examples)
     close_scorers()
-    for key, value in metrics.items():
-        print(f"{key:20} {value:.4f}" if isinstance(value, float) else f"{key:20} {value}")
+    if distributed.is_main_process():
+        for key, value in metrics.items():
+            print(f"{key:20} {value:.4f}" if isinstance(value, float) else f"{key:20} {value}")
     return 0

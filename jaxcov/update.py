@@ -4,13 +4,16 @@
     params, opt_state, metrics = update(params, opt_state, batch, key, learning_rate)
 
 Steps, all inside one jit:
-1. Selection pass: log-probs and entropies of the current parameters for the whole mini-batch
-   (forward only, run micro-batch by micro-batch with `lax.map` to bound memory), then
-   `losses.select_tokens` on all of its tokens at once: covariance statistics, the Clip-Cov
-   random pick or the KL-Cov top-k, and the mini-batch token/sequence counts.
-2. Gradient pass: `lax.scan` over micro-batches; each computes its loss with the selection and
-   counts of step 1, so its gradient is its exact share of the mini-batch gradient. Gradients and
-   (additive) loss metrics are summed in float32.
+1. Selection pass, only for Clip-Cov / KL-Cov with more than one micro-batch: log-probs and
+   entropies of the current parameters for the whole mini-batch (forward only, micro-batch by
+   micro-batch with `lax.map` to bound memory), then `losses.select_tokens` on all of its tokens
+   at once: covariance statistics, the Clip-Cov random pick or the KL-Cov top-k.
+2. Gradient pass: `lax.scan` over micro-batches; each computes its loss with the mini-batch-wide
+   token/sequence counts (and the selection of step 1), so its gradient is its exact share of the
+   mini-batch gradient. Gradients and (additive) loss metrics are summed in float32. Without a
+   selection pass (one micro-batch, or ppo_clip), the selection runs inside the gradient pass on
+   stop_gradient log-probs, and the covariance statistics come from the log-probs it computed:
+   no extra forward.
 3. One optax update.
 Because selection and normalisers are mini-batch-wide, the result does not depend on the
 micro-batch size or on how the batch is sharded over devices (tests/test_update.py checks both).
@@ -36,7 +39,8 @@ from flax import struct
 from jax.sharding import Mesh
 
 from jaxcov.config import AlgoConfig
-from jaxcov.losses import loss_inputs, select_tokens, total_loss
+from jaxcov.losses import (TOKEN_SELECTORS, LossInputs, mini_batch_counts, select_nothing,
+                           select_tokens, selection_metrics, total_loss)
 from jaxcov.sharding import constrain
 
 Array = jax.Array
@@ -76,35 +80,88 @@ def merge_micro_batches(tree: Any) -> Any:
     return jax.tree.map(merge, tree)
 
 
+def needs_selection_pass(algo: AlgoConfig, num_micro: int) -> bool:
+    """Clip-Cov and KL-Cov choose tokens from the current log-probs of the WHOLE mini-batch. With
+    one micro-batch the gradient pass sees all of them, so the choice is made inside it (on
+    stop_gradient log-probs) and costs no extra forward; only accumulation needs a separate pass.
+    """
+    return TOKEN_SELECTORS[algo.policy_loss] is not select_nothing and num_micro > 1
+
+
 def _current_logprobs(logprob_fn: LogprobFn, params: Params, micro: MiniBatch):
     """Forward-only log-probs and entropies for all micro-batches, merged back to [B, T]."""
     forward = lambda m: logprob_fn(params, m.tokens_bt, m.attention_mask_bt)  # noqa: E731
     return merge_micro_batches(jax.lax.map(forward, micro))
 
 
-def _micro_loss(params, micro, selection, logprob_fn, algo):
-    """Loss of one micro-batch, normalised by the counts of the whole mini-batch."""
-    batch, selected_bt = micro
-    logp_bt, entropy_bt = logprob_fn(params, batch.tokens_bt, batch.attention_mask_bt)
-    x = loss_inputs(logp_bt, batch.old_logp_bt, batch.advantages_bt, batch.response_mask_bt,
-                    selection.replace(selected_bt=selected_bt),
-                    entropy_bt=entropy_bt if algo.entropy_coef > 0 else None,
-                    ref_logp_bt=batch.ref_logp_bt)
+def _loss_of(batch: MiniBatch, logp_bt, entropy_bt, selected_bt, counts: dict, algo: AlgoConfig):
+    x = LossInputs(logp_bt=logp_bt, old_logp_bt=batch.old_logp_bt,
+                   advantages_bt=batch.advantages_bt, mask_bt=batch.response_mask_bt,
+                   selected_bt=selected_bt, **counts,
+                   entropy_bt=entropy_bt if algo.entropy_coef > 0 else None,
+                   ref_logp_bt=batch.ref_logp_bt)
     return total_loss(x, algo)
 
 
-def _accumulate_gradients(params, micro, micro_selected, selection, logprob_fn, algo):
-    """Sum over micro-batches of gradients (float32) and of the additive loss metrics."""
-    grad_fn = jax.grad(_micro_loss, has_aux=True)
+def _preselected_micro_loss(params, micro, counts, logprob_fn, algo):
+    """Loss of one micro-batch with the tokens chosen by the selection pass."""
+    batch, selected_bt = micro
+    logp_bt, entropy_bt = logprob_fn(params, batch.tokens_bt, batch.attention_mask_bt)
+    loss, metrics = _loss_of(batch, logp_bt, entropy_bt, selected_bt, counts, algo)
+    return loss, (metrics, ())
+
+
+def _self_selecting_micro_loss(params, batch, counts, key, logprob_fn, algo):
+    """Loss of one micro-batch that selects its own tokens (valid when it is the whole
+    mini-batch, or when the loss selects nothing); also returns its log-probs and entropies."""
+    logp_bt, entropy_bt = logprob_fn(params, batch.tokens_bt, batch.attention_mask_bt)
+    selector = TOKEN_SELECTORS[algo.policy_loss]
+    selected_bt, selector_metrics = selector(jax.lax.stop_gradient(logp_bt), batch.old_logp_bt,
+                                             batch.advantages_bt, batch.response_mask_bt, key,
+                                             algo)
+    loss, metrics = _loss_of(batch, logp_bt, entropy_bt, selected_bt, counts, algo)
+    return loss, ({**metrics, **selector_metrics}, jax.lax.stop_gradient((logp_bt, entropy_bt)))
+
+
+def _accumulate_gradients(params, micro, micro_loss):
+    """Sum over micro-batches of gradients (float32) and of the additive loss metrics, plus the
+    stacked per-micro-batch outputs. `micro_loss(params, xs) -> (loss, (metrics, outputs))`."""
+    grad_fn = jax.grad(micro_loss, has_aux=True)
 
     def step(grads_acc, xs):
-        grads, metrics = grad_fn(params, xs, selection, logprob_fn, algo)
+        grads, (metrics, outputs) = grad_fn(params, xs)
         grads_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_acc, grads)
-        return grads_acc, metrics
+        return grads_acc, (metrics, outputs)
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-    grads, metrics_m = jax.lax.scan(step, zeros, (micro, micro_selected))
-    return grads, jax.tree.map(lambda m: jnp.sum(m, axis=0), metrics_m)
+    grads, (metrics_m, outputs_m) = jax.lax.scan(step, zeros, micro)
+    return grads, jax.tree.map(lambda m: jnp.sum(m, axis=0), metrics_m), outputs_m
+
+
+def _two_pass_gradients(params, batch, micro, key, learning_rate, counts, logprob_fn, algo,
+                        mesh):
+    """Selection pass over the whole mini-batch, then micro-batch gradients that reuse it."""
+    logp_bt, entropy_bt = _current_logprobs(logprob_fn, params, micro)
+    selection = select_tokens(logp_bt, batch.old_logp_bt, batch.advantages_bt,
+                              batch.response_mask_bt, key, algo, entropy_bt, learning_rate)
+    num_micro = micro.tokens_bt.shape[0]
+    micro_selected = split_micro_batches(selection.selected_bt, num_micro, mesh)
+    loss_fn = functools.partial(_preselected_micro_loss, counts=counts, logprob_fn=logprob_fn,
+                                algo=algo)
+    grads, loss_metrics, _ = _accumulate_gradients(params, (micro, micro_selected), loss_fn)
+    return grads, {**selection.metrics, **loss_metrics}
+
+
+def _one_pass_gradients(params, batch, micro, key, learning_rate, counts, logprob_fn, algo):
+    """Micro-batch gradients that select as they go; the mini-batch covariance statistics come
+    from the log-probs the gradient pass computed anyway."""
+    loss_fn = functools.partial(_self_selecting_micro_loss, counts=counts, key=key,
+                                logprob_fn=logprob_fn, algo=algo)
+    grads, loss_metrics, outputs_m = _accumulate_gradients(params, micro, loss_fn)
+    logp_bt, entropy_bt = merge_micro_batches(outputs_m)
+    stats = selection_metrics(logp_bt, batch.advantages_bt, batch.response_mask_bt, counts,
+                              entropy_bt, learning_rate)
+    return grads, {**stats, **loss_metrics}
 
 
 def update_policy(params: Params, opt_state: optax.OptState, batch: MiniBatch, key: Array,
@@ -125,17 +182,18 @@ def update_policy(params: Params, opt_state: optax.OptState, batch: MiniBatch, k
     if rows % micro_batch_size:
         raise ValueError(f"mini-batch of {rows} rows is not a multiple of micro_batch_size "
                          f"{micro_batch_size}")
-    micro = split_micro_batches(batch, rows // micro_batch_size, mesh)
-    logp_bt, entropy_bt = _current_logprobs(logprob_fn, params, micro)
-    selection = select_tokens(logp_bt, batch.old_logp_bt, batch.advantages_bt,
-                              batch.response_mask_bt, key, algo, entropy_bt, learning_rate)
-    micro_selected = split_micro_batches(selection.selected_bt, rows // micro_batch_size, mesh)
-    grads, loss_metrics = _accumulate_gradients(params, micro, micro_selected, selection,
-                                                logprob_fn, algo)
+    num_micro = rows // micro_batch_size
+    micro = split_micro_batches(batch, num_micro, mesh)
+    counts = mini_batch_counts(batch.response_mask_bt, algo)
+    if needs_selection_pass(algo, num_micro):
+        grads, metrics = _two_pass_gradients(params, batch, micro, key, learning_rate, counts,
+                                             logprob_fn, algo, mesh)
+    else:
+        grads, metrics = _one_pass_gradients(params, batch, micro, key, learning_rate, counts,
+                                             logprob_fn, algo)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    metrics = {**selection.metrics, **loss_metrics, "actor/grad_norm": optax.tree.norm(grads)}
-    return params, opt_state, metrics
+    return params, opt_state, {**metrics, "actor/grad_norm": optax.tree.norm(grads)}
 
 
 def make_update_fn(logprob_fn: LogprobFn, optimizer: optax.GradientTransformation,

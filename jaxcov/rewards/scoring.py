@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -62,6 +62,28 @@ class Verdict:
     correct: bool = False
     formatted: bool = False
     status: str = "ok"
+
+
+STATUSES = ("ok", "no_answer", "rejected", "timeout", "error")
+
+
+@dataclasses.dataclass
+class RowScores:
+    """Per-response results as arrays, so that parts of a batch scored apart (one per host in a
+    multi-process run, see `score_batch_part`) join by concatenating each array."""
+
+    rewards: np.ndarray         # [R] float32: weighted sum of the terms
+    correct: np.ndarray         # [R] bool
+    formatted: np.ndarray       # [R] bool
+    status: np.ndarray          # [R] int8: index into STATUSES
+    terms: dict                 # term name -> unweighted values [R] float
+    custom_failed: np.ndarray   # [R] bool: the custom reward raised or returned a non-finite value
+
+    def map_arrays(self, fn) -> "RowScores":
+        """The same scores with `fn` applied to every per-row array."""
+        arrays = {f.name: fn(getattr(self, f.name)) for f in dataclasses.fields(self)
+                  if f.name != "terms"}
+        return RowScores(**arrays, terms={name: fn(v) for name, v in self.terms.items()})
 
 
 def math_verdict(response: str, ground_truth: Any,
@@ -114,20 +136,36 @@ class RewardScorer:
     def score(self, responses: Sequence[str], rows: Sequence[dict],
               response_lengths: Sequence[int]) -> tuple[np.ndarray, dict[str, float]]:
         """Rewards (float32, one per response) and `reward/...` metrics of one batch."""
+        start = time.perf_counter()
+        scores = self.score_rows(responses, rows, response_lengths)
+        return scores.rewards, self.metrics(scores, rows, start)
+
+    def score_rows(self, responses: Sequence[str], rows: Sequence[dict],
+                   response_lengths: Sequence[int]) -> RowScores:
+        """The per-response results of one batch (or of one part of it)."""
         if not len(responses) == len(rows) == len(response_lengths):
             raise ValueError(f"got {len(responses)} responses, {len(rows)} rows and "
                              f"{len(response_lengths)} lengths; they must match")
-        start = time.perf_counter()
         tasks = [self._task_of(row, i) for i, row in enumerate(rows)]
         verdicts = self._verdicts(responses, rows, tasks)
-        terms, custom_errors = self._terms(responses, rows, response_lengths, verdicts)
+        terms, custom_failed = self._terms(responses, rows, response_lengths, verdicts)
         rewards = sum(weight * values for weight, values in terms.values())
-        rewards = np.asarray(rewards, np.float32).reshape(len(responses))
-        metrics = _metrics(rewards, verdicts, terms, tasks)
+        return RowScores(
+            rewards=np.asarray(rewards, np.float32).reshape(len(responses)),
+            correct=np.array([v.correct for v in verdicts], bool),
+            formatted=np.array([v.formatted for v in verdicts], bool),
+            status=np.array([STATUSES.index(v.status) for v in verdicts], np.int8),
+            terms={name: np.asarray(values, np.float64) for name, (_, values) in terms.items()},
+            custom_failed=custom_failed)
+
+    def metrics(self, scores: RowScores, rows: Sequence[dict], start: float) -> dict[str, float]:
+        """The `reward/...` metrics of a whole batch's scores (`start`: when scoring began)."""
+        tasks = [self._task_of(row, i) for i, row in enumerate(rows)]
+        metrics = _metrics(scores, tasks)
         if self._custom is not None:
-            metrics["reward/custom_errors"] = float(custom_errors)
+            metrics["reward/custom_errors"] = float(scores.custom_failed.sum())
         metrics["reward/score_time_s"] = time.perf_counter() - start
-        return rewards, metrics
+        return metrics
 
     def _task_of(self, row: dict, index: int) -> str:
         if "ground_truth" not in row:
@@ -159,8 +197,8 @@ class RewardScorer:
                 verdicts[i].correct = result_of[job].status == "ok" and bool(result_of[job].value)
         return verdicts
 
-    def _terms(self, responses, rows, lengths, verdicts) -> tuple[dict, int]:
-        """({term name: (weight, per-response values)}, number of failed custom calls)."""
+    def _terms(self, responses, rows, lengths, verdicts) -> tuple[dict, np.ndarray]:
+        """({term name: (weight, per-response values)}, which custom calls failed)."""
         config = self.config
         correct = np.array([v.correct for v in verdicts], bool)
         terms = {"correct": (config.correct_weight,
@@ -172,15 +210,15 @@ class RewardScorer:
             o = config.overlong
             terms["overlong"] = (o.weight, np.array(
                 [overlong_penalty(int(n), o.max_len, o.buffer) for n in lengths]))
-        custom_errors = 0
+        failed = np.zeros(len(responses), bool)
         if self._custom is not None:
-            values, custom_errors = self._custom_values(responses, rows, lengths)
+            values, failed = self._custom_values(responses, rows, lengths)
             terms["custom"] = (config.custom_weight, values)
-        return terms, custom_errors
+        return terms, failed
 
-    def _custom_values(self, responses, rows, lengths) -> tuple[np.ndarray, int]:
+    def _custom_values(self, responses, rows, lengths) -> tuple[np.ndarray, np.ndarray]:
         values = np.zeros(len(responses))
-        errors = 0
+        failed = np.zeros(len(responses), bool)
         for i, (response, row, length) in enumerate(zip(responses, rows, lengths)):
             try:
                 value = float(self._custom(response, row, int(length)))
@@ -189,8 +227,8 @@ class RewardScorer:
             if math.isfinite(value):
                 values[i] = value
             else:
-                errors += 1
-        return values, errors
+                failed[i] = True
+        return values, failed
 
     def close(self) -> None:
         if self._pool is not None:
@@ -208,26 +246,26 @@ def _mean(values) -> float:
     return float(np.mean(values)) if len(values) else 0.0
 
 
-def _metrics(rewards, verdicts, terms, tasks) -> dict[str, float]:
-    statuses = [v.status for v in verdicts]
+def _metrics(scores: RowScores, tasks: Sequence[str]) -> dict[str, float]:
+    rewards, status = scores.rewards, scores.status
     metrics = {
         "reward/mean": _mean(rewards),
         "reward/std": float(np.std(rewards)) if len(rewards) else 0.0,
-        "reward/accuracy": _mean([v.correct for v in verdicts]),
-        "reward/format": _mean([v.formatted for v in verdicts]),
-        "reward/no_answer": _mean([s == "no_answer" for s in statuses]),
-        "reward/timeouts": float(statuses.count("timeout")),
-        "reward/errors": float(statuses.count("error")),
-        "reward/rejected": float(statuses.count("rejected")),
+        "reward/accuracy": _mean(scores.correct),
+        "reward/format": _mean(scores.formatted),
+        "reward/no_answer": _mean(status == STATUSES.index("no_answer")),
+        "reward/timeouts": float(np.sum(status == STATUSES.index("timeout"))),
+        "reward/errors": float(np.sum(status == STATUSES.index("error"))),
+        "reward/rejected": float(np.sum(status == STATUSES.index("rejected"))),
     }
-    for name, (_, values) in terms.items():
+    for name, values in scores.terms.items():
         metrics[f"reward/term/{name}"] = _mean(values)
-    if "overlong" in terms:
-        metrics["reward/overlong_frac"] = _mean(terms["overlong"][1] < 0)
+    if "overlong" in scores.terms:
+        metrics["reward/overlong_frac"] = _mean(scores.terms["overlong"] < 0)
     if len(set(tasks)) > 1:
+        task_of_row = np.asarray(tasks)
         for task in sorted(set(tasks)):
-            metrics[f"reward/accuracy/{task}"] = _mean(
-                [v.correct for v, t in zip(verdicts, tasks) if t == task])
+            metrics[f"reward/accuracy/{task}"] = _mean(scores.correct[task_of_row == task])
     return metrics
 
 
@@ -248,11 +286,29 @@ def score_batch(responses: Sequence[str], rows: Sequence[dict], response_lengths
       (rewards float32 [len(responses)], metrics dict of floats named `reward/...`).
       The scorer and its verifier processes are kept per config for the next batch.
     """
+    return _scorer(config).score(responses, rows, response_lengths)
+
+
+def score_batch_part(responses: Sequence[str], rows: Sequence[dict],
+                     response_lengths: Sequence[int], config: Any, part: slice,
+                     join: Callable[[RowScores], RowScores]) -> tuple[np.ndarray, dict[str, float]]:
+    """`score_batch` with the verification split between callers: this one scores only the
+    responses in `part`, and `join` turns their `RowScores` into the whole batch's (in a
+    multi-process run every process scores its own part and `join` all-gathers; see
+    `jaxcov.distributed.score_batch`). Every caller returns the same rewards and metrics."""
+    scorer = _scorer(config)
+    start = time.perf_counter()
+    scores = join(scorer.score_rows(list(responses[part]), list(rows[part]),
+                                    list(response_lengths[part])))
+    return scores.rewards, scorer.metrics(scores, rows, start)
+
+
+def _scorer(config: Any) -> RewardScorer:
     reward_config = getattr(config, "reward", config)
     scorer = _SCORERS.get(reward_config)
     if scorer is None:
         scorer = _SCORERS[reward_config] = RewardScorer(reward_config)
-    return scorer.score(responses, rows, response_lengths)
+    return scorer
 
 
 def close_scorers() -> None:
