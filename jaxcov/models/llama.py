@@ -16,6 +16,7 @@ Einsum letters:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, NamedTuple, Optional
 
@@ -228,11 +229,36 @@ def attend(q_bthe, k_bske, v_bske, mask_bts, cfg: LlamaConfig) -> jax.Array:
     return out.reshape(B, T, H, E)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
 def project(spec: str, x: jax.Array, w: jax.Array, dtype) -> jax.Array:
     """einsum in `dtype` with fp32 accumulation, cast back to `dtype`. (Asking for the fp32
-    result keeps XLA:CPU on its fast bf16 kernels; otherwise it upcasts the weights every call.)"""
+    result keeps XLA:CPU on its fast bf16 kernels; otherwise it upcasts the weights every call.)
+
+    The custom VJP writes the weight gradient as einsum(x, dy) -> w: autodiff's einsum(dy, x)
+    makes XLA:CPU transpose the wide activation gradient (e.g. [B*T, 1536] in the MLP) before
+    every weight-gradient dot instead of the narrower input; ~13% of a SmolLM2 backward.
+    """
     out = jnp.einsum(spec, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
     return out.astype(dtype)
+
+
+def _project_fwd(spec, x, w, dtype):
+    return project(spec, x, w, dtype), (x, w)
+
+
+def _project_bwd(spec, dtype, residuals, dy):
+    x, w = residuals
+    x_axes, rest = spec.split(",")
+    w_axes, out_axes = rest.split("->")
+    dy = dy.astype(dtype)
+    dx = jnp.einsum(f"{out_axes},{w_axes}->{x_axes}", dy, w.astype(dtype),
+                    preferred_element_type=jnp.float32)
+    dw = jnp.einsum(f"{x_axes},{out_axes}->{w_axes}", x.astype(dtype), dy,
+                    preferred_element_type=jnp.float32)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+project.defvjp(_project_fwd, _project_bwd)
 
 
 def mlp(x_btd, layer, dtype) -> jax.Array:
