@@ -399,6 +399,8 @@ class TrainConfig:
       old_logprobs: sampler (reuse the sampler's T=1 log-probs) | recompute (a fresh forward).
       max_resample_rounds: with algo.filter_groups, extra prompt draws allowed to refill a batch.
       run_dir: where checkpoints, metrics, plots and exports go; a rerun resumes from it.
+      checkpoint_dir: where checkpoints go instead of run_dir/checkpoints, e.g. a gs:// bucket
+        (orbax writes there directly) while metrics stay in a local run_dir.
       checkpoint_every: save every k steps (and at the end, and on SIGTERM/SIGINT); 0: only those.
       keep_checkpoints: how many recent checkpoints to keep.
       eval_every: evaluate on the held-out split every k steps (and before the first and after
@@ -419,6 +421,7 @@ class TrainConfig:
     old_logprobs: Literal["sampler", "recompute"] = "recompute"
     max_resample_rounds: int = 2
     run_dir: str = "runs/default"
+    checkpoint_dir: str = ""
     checkpoint_every: int = 10
     keep_checkpoints: int = 2
     eval_every: int = 0
@@ -430,6 +433,11 @@ class TrainConfig:
     tensorboard: bool = True
     wandb_project: str = ""
     progress: bool = True
+
+    @property
+    def checkpoints(self) -> str:
+        """The checkpoint directory this run writes and resumes from."""
+        return self.checkpoint_dir or os.path.join(self.run_dir, "checkpoints")
 
     def __post_init__(self):
         for key in ("steps", "prompts_per_step", "mini_batch_prompts", "ppo_epochs",

@@ -488,8 +488,7 @@ def train(config: ExperimentConfig) -> int:
         with open(os.path.join(config.train.run_dir, "config.yaml"), "w") as f:
             yaml.safe_dump(to_dict(config), f, sort_keys=False)
     ctx = build_context(config)
-    checkpointer = Checkpointer(os.path.join(config.train.run_dir, "checkpoints"),
-                                keep=config.train.keep_checkpoints)
+    checkpointer = Checkpointer(config.train.checkpoints, keep=config.train.keep_checkpoints)
     try:
         with StopSignal() as stop:
             state = train_loop(ctx, checkpointer, stop)
@@ -519,8 +518,9 @@ def eval_command(args) -> int:
     ctx = build_context(config)
     state = initial_state(ctx)
     run_dir = args.checkpoint or config.train.run_dir
-    checkpoints = os.path.join(run_dir, "checkpoints")
-    if os.path.isdir(checkpoints):
+    checkpoints = (os.path.join(args.checkpoint, "checkpoints") if args.checkpoint
+                   else config.train.checkpoints)
+    if checkpoints.startswith("gs://") or os.path.isdir(checkpoints):
         checkpointer = Checkpointer(checkpoints, keep=config.train.keep_checkpoints)
         step = checkpointer.latest_step()
         if step is not None:

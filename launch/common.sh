@@ -62,8 +62,10 @@ load_env() {
     ASSETS_URI=${ASSETS_URI:-} POLL_SECONDS=${POLL_SECONDS:-60} MAX_RESTARTS=${MAX_RESTARTS:-10}
     check_env
     QR_NAME="$TPU_NAME-qr"
+    # Metrics and plots go to a run directory on worker 0 (process 0 writes them); checkpoints to
+    # the bucket, so a run recreated on a new VM resumes from them.
     # shellcheck disable=SC2034  # used by the scripts that source this file
-    RUN_DIR="${BUCKET%/}/runs/$RUN_NAME"
+    RUN_DIR="runs/$RUN_NAME" CHECKPOINT_DIR="${BUCKET%/}/runs/$RUN_NAME/checkpoints"
 }
 
 check_env() {

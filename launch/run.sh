@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Starts training on every worker of the TPU VM, in the background: CONFIG with
-# train.run_dir=BUCKET/runs/RUN_NAME, then TRAIN_ARGS, then any overrides given here. The run
-# directory is in the bucket, so starting again on a new VM resumes from the latest checkpoint.
+# train.run_dir=runs/RUN_NAME (metrics and plots, on worker 0) and
+# train.checkpoint_dir=BUCKET/runs/RUN_NAME/checkpoints, then TRAIN_ARGS, then any overrides given
+# here. The checkpoints are in the bucket, so starting again on a new VM resumes from the latest.
 # Each worker appends its output to ~/LOG_DIR/RUN_NAME-HOSTNAME.log (see launch/logs.sh).
 #
 # Usage: launch/run.sh --env FILE [--dry-run] [section.key=value ...]
@@ -15,7 +16,8 @@ train_command() {
     local env_overrides overrides=() arg
     read -ra env_overrides <<<"$TRAIN_ARGS"
     for arg in "$(remote_path "$VENV_DIR")/bin/python" -m jaxcov train; do overrides+=("$arg"); done
-    for arg in "$CONFIG" "train.run_dir=$RUN_DIR" "${env_overrides[@]}" "${EXTRA_ARGS[@]}"; do
+    for arg in "$CONFIG" "train.run_dir=$RUN_DIR" "train.checkpoint_dir=$CHECKPOINT_DIR" \
+        "${env_overrides[@]}" "${EXTRA_ARGS[@]}"; do
         overrides+=("$(printf '%q' "$arg")")
     done
     echo "${overrides[*]}"

@@ -14,13 +14,13 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-import yaml
 
 from jaxcov import distributed
 from jaxcov.config import ConfigError, RewardConfig, load_config
 from jaxcov.metrics import read_metrics
 from jaxcov.rewards.scoring import RewardScorer, RowScores, score_batch, score_batch_part
 from jaxcov.trainer import train
+from tests.tiny_run import write_tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -119,22 +119,9 @@ def test_host_helpers_are_plain_in_one_process():
 
 # ---------------------------------------------------------------- two processes vs one process
 
-# The e2e config of tests/test_trainer.py for one step (a checkpoint at the end, no eval), with
-# one optimizer update of two micro-batches: cross-process collectives on CPU (gloo) are slow.
-TINY = {
-    "model": {"name": "random:llama", "tokenizer": "smollm2-135m-instruct", "remat": "none",
-              "logits_chunk": 32},
-    "mesh": {"data": 2, "fsdp": 2, "tensor": 2},
-    "data": {"source": "times_table", "synthetic": {"size": 64}, "max_prompt_len": 32,
-             "system_prompt": ""},
-    "algo": {"group_size": 4, "filter_groups": False, "clip_cov_ratio": 0.05, "clip_cov_lb": 0.0,
-             "kl_cov_ratio": 0.05},
-    "sampler": {"max_new_tokens": 8, "max_prompt_len": 32},
-    "reward": {"custom_fn": "tests.reward_fixtures:distinct_characters", "correct_weight": 0.0},
-    "optim": {"lr": 1e-3},
-    "train": {"steps": 1, "prompts_per_step": 4, "mini_batch_prompts": 4, "micro_batch_size": 8,
-              "ppo_epochs": 1, "checkpoint_every": 1, "progress": False, "tensorboard": False},
-}
+# The e2e run of tests/tiny_run.py for one step (a checkpoint at the end, no eval), with one
+# optimizer update of two micro-batches: cross-process collectives on CPU (gloo) are slow.
+ONE_STEP = {"steps": 1, "mini_batch_prompts": 4, "micro_batch_size": 8}
 
 # Metrics of the step compared (not those near zero, like adv/mean: they agree only to rounding).
 KEY_METRICS = ("reward/mean", "reward/std", "response/length_mean", "rollout/entropy",
@@ -206,7 +193,7 @@ def _max_relative_difference(a, b) -> float:
 
 def test_two_processes_make_the_same_step_as_one(tmp_path):
     config = tmp_path / "exp.yaml"
-    config.write_text(yaml.safe_dump(TINY))
+    write_tiny_config(config, train=ONE_STEP)
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     address = f"localhost:{_free_port()}"
     procs = [_train(config, two, _env(4, JAXCOV_COORDINATOR_ADDRESS=address,

@@ -30,7 +30,8 @@ SPOT=true
 QUEUED={queued}
 """
 GCLOUD = "gcloud compute tpus"
-RUN_DIR = "train.run_dir=gs://my-bucket/runs/jaxcov-v5p"
+RUN_DIR = ("train.run_dir=runs/jaxcov-v5p "
+           "train.checkpoint_dir=gs://my-bucket/runs/jaxcov-v5p/checkpoints")
 
 
 def _shellcheck():

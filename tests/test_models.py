@@ -1,6 +1,5 @@
 """Model core: parity with transformers, sharding, export round-trip, abstract real sizes."""
 
-import json
 import math
 import os
 

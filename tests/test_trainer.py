@@ -1,7 +1,6 @@
 """The training loop end to end on a tiny random model: every loss, resume after SIGKILL,
 SIGTERM, the NaN guard, and config errors caught before any compile."""
 
-import json
 import os
 import signal
 import subprocess
@@ -10,40 +9,19 @@ import time
 
 import numpy as np
 import pytest
-import yaml
 
 from jaxcov.config import ConfigError, load_config
 from jaxcov.metrics import read_metrics
 from jaxcov.trainer import train
+from tests.tiny_run import write_tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-TINY = {
-    "model": {"name": "random:llama", "tokenizer": "smollm2-135m-instruct", "remat": "none",
-              "logits_chunk": 32},
-    "mesh": {"data": 2, "fsdp": 2, "tensor": 2},
-    # An empty system prompt keeps prompts inside the 32-token bucket: fewer tokens to score.
-    "data": {"source": "times_table", "synthetic": {"size": 64}, "max_prompt_len": 32,
-             "system_prompt": ""},
-    # Bounds and ratios wide enough that Clip-Cov / KL-Cov touch tokens of a tiny batch.
-    "algo": {"group_size": 4, "filter_groups": False, "clip_cov_ratio": 0.05, "clip_cov_lb": 0.0,
-             "kl_cov_ratio": 0.05},
-    "sampler": {"max_new_tokens": 8, "max_prompt_len": 32},
-    "reward": {"custom_fn": "tests.reward_fixtures:distinct_characters", "correct_weight": 0.0},
-    "optim": {"lr": 1e-3},
-    "train": {"steps": 2, "prompts_per_step": 4, "mini_batch_prompts": 2, "micro_batch_size": 4,
-              "ppo_epochs": 1, "checkpoint_every": 1, "progress": False, "tensorboard": False},
-}
 
 
 def _config(tmp_path, **sections):
-    values = json.loads(json.dumps(TINY))
-    for section, changes in sections.items():
-        values[section].update(changes)
-    values["train"].setdefault("run_dir", str(tmp_path / "run"))
-    path = tmp_path / "exp.yaml"
-    path.write_text(yaml.safe_dump(values))
-    return str(path)
+    sections["train"] = {"run_dir": str(tmp_path / "run"), **sections.get("train", {})}
+    return write_tiny_config(tmp_path / "exp.yaml", **sections)
 
 
 def _comparable(records):
@@ -93,12 +71,16 @@ def test_resume_after_sigkill_is_exact(tmp_path):
     path = _config(tmp_path, train={"steps": 3})
     reference_dir, killed_dir = str(tmp_path / "reference"), str(tmp_path / "killed")
     reference = _run(path, f"train.run_dir={reference_dir}")
-    killed = _run(path, f"train.run_dir={killed_dir}")
+    # The killed run keeps its checkpoints outside its run directory (as on a TPU pod, where
+    # they go to a gs:// bucket): resuming must find them there.
+    outside = f"train.checkpoint_dir={tmp_path / 'bucket' / 'checkpoints'}"
+    killed = _run(path, f"train.run_dir={killed_dir}", outside)
     _wait_for_step(os.path.join(killed_dir, "metrics.jsonl"), 2, killed)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     assert reference.wait() == 0, reference.communicate()
-    resumed = _run(path, f"train.run_dir={killed_dir}")
+    assert not os.path.exists(os.path.join(killed_dir, "checkpoints"))
+    resumed = _run(path, f"train.run_dir={killed_dir}", outside)
     out, err = resumed.communicate()
     assert resumed.returncode == 0, err
     assert "resumed from step" in err
