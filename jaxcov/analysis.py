@@ -245,11 +245,16 @@ def _pyplot():
     return plt
 
 
-def _save(fig, out_dir: str, filename: str) -> str:
+def _finish(plt, fig, ax, xlabel: str, ylabel: str, out_dir: str, filename: str) -> str:
+    """Labels, grid and legend, then saves the figure as out_dir/filename and closes it."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     path = os.path.join(out_dir, filename)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    fig.clf()
+    plt.close(fig)
     return path
 
 
@@ -269,16 +274,10 @@ def plot_fits(analyses: list[RunAnalysis], out_dir: str) -> str:
         ax.plot(grid, run.early_fit.predict(grid), color=color, lw=1.0, ls="--")
         ax.plot([0.0], [run.full_fit.ceiling], color=color, marker="*", ms=10)
         ax.plot([0.0], [run.early_fit.ceiling], color=color, marker="*", ms=10, mfc="none")
-    ax.set_xlabel(f"H = {H_KEY}")
-    ax.set_ylabel(f"R = {R_KEY}")
     ax.set_title("R = -a exp(H) + b: solid all steps, dashed first steps (squares); "
                  "stars: ceiling b - a at H = 0",
                  fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    path = _save(fig, out_dir, PLOT_FILES["fit"])
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, ax, f"H = {H_KEY}", f"R = {R_KEY}", out_dir, PLOT_FILES["fit"])
 
 
 def plot_entropy(analyses: list[RunAnalysis], out_dir: str) -> str:
@@ -287,13 +286,7 @@ def plot_entropy(analyses: list[RunAnalysis], out_dir: str) -> str:
     for run in analyses:
         steps, h = run.series.column(H_KEY)
         ax.plot(steps, h, marker=".", label=run.name)
-    ax.set_xlabel("step")
-    ax.set_ylabel(f"entropy ({H_KEY})")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    path = _save(fig, out_dir, PLOT_FILES["entropy"])
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, ax, "step", f"entropy ({H_KEY})", out_dir, PLOT_FILES["entropy"])
 
 
 def plot_entropy_change(analyses: list[RunAnalysis], out_dir: str) -> str:
@@ -307,13 +300,8 @@ def plot_entropy_change(analyses: list[RunAnalysis], out_dir: str) -> str:
         ax.scatter(predicted, measured, s=16, label=f"{run.name} (r = {r})")
     ax.axhline(0, color="grey", lw=0.6)
     ax.axvline(0, color="grey", lw=0.6)
-    ax.set_xlabel(f"predicted dH ({PREDICTED_DH_KEY} = -lr x Cov)")
-    ax.set_ylabel(f"measured dH ({MEASURED_DH_KEY})")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    path = _save(fig, out_dir, PLOT_FILES["dH"])
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, ax, f"predicted dH ({PREDICTED_DH_KEY} = -lr x Cov)",
+                   f"measured dH ({MEASURED_DH_KEY})", out_dir, PLOT_FILES["dH"])
 
 
 def write_analysis_plots(analyses: list[RunAnalysis], out_dir: str) -> list[str]:
