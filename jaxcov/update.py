@@ -39,8 +39,8 @@ from flax import struct
 from jax.sharding import Mesh
 
 from jaxcov.config import AlgoConfig
-from jaxcov.losses import (TOKEN_SELECTORS, LossInputs, mini_batch_counts, select_nothing,
-                           select_tokens, selection_metrics, total_loss)
+from jaxcov.losses import (TOKEN_SELECTORS, TokenSelection, loss_inputs, mini_batch_counts,
+                           select_nothing, select_tokens, selection_metrics, total_loss)
 from jaxcov.sharding import constrain
 
 Array = jax.Array
@@ -95,11 +95,9 @@ def _current_logprobs(logprob_fn: LogprobFn, params: Params, micro: MiniBatch):
 
 
 def _loss_of(batch: MiniBatch, logp_bt, entropy_bt, selected_bt, counts: dict, algo: AlgoConfig):
-    x = LossInputs(logp_bt=logp_bt, old_logp_bt=batch.old_logp_bt,
-                   advantages_bt=batch.advantages_bt, mask_bt=batch.response_mask_bt,
-                   selected_bt=selected_bt, **counts,
-                   entropy_bt=entropy_bt if algo.entropy_coef > 0 else None,
-                   ref_logp_bt=batch.ref_logp_bt)
+    selection = TokenSelection(selected_bt=selected_bt, **counts, metrics={})
+    x = loss_inputs(logp_bt, batch.old_logp_bt, batch.advantages_bt, batch.response_mask_bt,
+                    selection, entropy_bt if algo.entropy_coef > 0 else None, batch.ref_logp_bt)
     return total_loss(x, algo)
 
 
