@@ -233,7 +233,7 @@ class Item(NamedTuple):
 class Array(NamedTuple):
     """An activation, by logical axes; `kind` says which remat policies save it."""
 
-    kind: str  # residual | proj | attn_dots | other
+    kind: str  # which remat policies save it: see SAVED_BY_REMAT
     shape: tuple[int, ...]
     axes: tuple[Optional[str], ...]
     dtype: Any
@@ -255,14 +255,15 @@ def layer_activations(cfg: LlamaConfig, rows: int, queries: int, keys: int) -> l
     a, f32 = cfg.dtype, jnp.float32
     bt, btd = ("batch", "seq"), ("batch", "seq", "act_embed")
     return [
-        Array("residual", (rows, queries, D), btd, a),
-        Array("proj", (rows, queries, H, E), bt + ("heads", "head_dim"), f32),
-        Array("proj", (rows, queries, K, E), bt + ("kv_heads", "head_dim"), f32, count=2),
-        Array("proj", (rows, queries, D), btd, f32, count=2),  # attention out-proj, mlp down
+        Array("residual", (rows, queries, D), btd, a),  # layer input
+        Array("proj", (rows, queries, H, E), bt + ("heads", "head_dim"), f32),  # q
+        Array("proj", (rows, queries, K, E), bt + ("kv_heads", "head_dim"), f32, count=2),  # k, v
         Array("proj", (rows, queries, F), bt + ("mlp",), f32, count=2),  # gate, up
-        Array("attn_dots", (rows, H, queries, keys), ("batch", "heads", "seq", "cache_seq"), f32),
-        Array("attn_dots", (rows, queries, H, E), bt + ("heads", "head_dim"), a),
-        Array("other", (rows, H, queries, keys), ("batch", "heads", "seq", "cache_seq"), a),
+        Array("proj_out", (rows, queries, D), btd, f32, count=2),  # attention out-proj, mlp down
+        Array("scores", (rows, H, queries, keys), ("batch", "heads", "seq", "cache_seq"), f32),
+        Array("softmax", (rows, H, queries, keys), ("batch", "heads", "seq", "cache_seq"), a),
+        Array("attn_out", (rows, queries, H, E), bt + ("heads", "head_dim"), a),
+        Array("mid", (rows, queries, D), btd, a),  # after the attention residual
         Array("other", (rows, queries, D), btd, a, count=2),  # normed inputs
         Array("other", (rows, queries, D), btd, f32),  # RMSNorm in fp32
         Array("other", (rows, queries, H + K, E), bt + ("heads", "head_dim"), f32),  # rope
@@ -270,12 +271,14 @@ def layer_activations(cfg: LlamaConfig, rows: int, queries: int, keys: int) -> l
     ]
 
 
-# What each remat policy keeps of a layer for the backward pass (jax.checkpoint_policies).
+# What each remat policy keeps of a layer for the backward pass: jax.checkpoint_policies
+# around `llama._train_block`, whose own residuals are the `none` row (matmul outputs,
+# softmax, attention output and the mid-layer residual; norms, rope and SwiGLU recomputed).
 SAVED_BY_REMAT = {
     "full": {"residual"},  # nothing_saveable: only the scan carry
-    "dots_no_batch": {"residual", "proj"},  # matmuls without batch dims: the projections
-    "dots": {"residual", "proj", "attn_dots"},  # every matmul, attention scores included
-    "none": {"residual", "proj", "attn_dots", "other"},
+    "dots_no_batch": {"residual", "proj", "proj_out"},  # matmuls without batch dims
+    "dots": {"residual", "proj", "proj_out", "scores", "attn_out"},  # every matmul
+    "none": {"residual", "proj", "softmax", "attn_out", "mid"},
 }
 
 

@@ -365,7 +365,7 @@ def _prompt_pass(params, layers, cfg: LlamaConfig, tokens_bt, positions_bt, mask
             if past_kv is not None:
                 k_btke = jnp.concatenate([past_kv[0], k_btke], axis=1)
                 v_btke = jnp.concatenate([past_kv[1], v_btke], axis=1)
-            return llama.attend(q_bthe, k_btke, v_btke, mask_bts, cfg), (k_btke, v_btke)
+            return llama.attend(q_bthe, k_btke, v_btke, mask_bts), (k_btke, v_btke)
         return attention
 
     h = constrain(embed_tokens(params["embed"], tokens_bt, cfg.dtype), mesh,

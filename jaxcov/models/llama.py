@@ -216,67 +216,73 @@ def attention_mask(valid_bs: jax.Array, query_slots_bt: jax.Array, window: Optio
     return mask
 
 
-def attend(q_bthe, k_bske, v_bske, mask_bts, cfg: LlamaConfig) -> jax.Array:
-    """Grouped-query attention, softmax in fp32. Returns [B, T, H, E]."""
+def attention_probs(q_bthe, k_bske, mask_bts) -> jax.Array:
+    """Grouped-query attention weights [B, K, G, T, S]: softmax in fp32, cast to q's dtype."""
     B, T, H, E = q_bthe.shape
     K = k_bske.shape[2]
     q_btkge = q_bthe.reshape(B, T, K, H // K, E)
     scores = jnp.einsum("btkge,bske->bkgts", q_btkge, k_bske,
                         preferred_element_type=jnp.float32) / math.sqrt(E)
     scores = jnp.where(mask_bts[:, None, None], scores, -1e30)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_bske.dtype)
-    out = jnp.einsum("bkgts,bske->btkge", probs, v_bske)
-    return out.reshape(B, T, H, E)
+    return jax.nn.softmax(scores, axis=-1).astype(q_bthe.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
+def attention_output(probs_bkgts, v_bske) -> jax.Array:
+    """[B, T, H, E] weighted sum of the values."""
+    out = jnp.einsum("bkgts,bske->btkge", probs_bkgts, v_bske.astype(probs_bkgts.dtype))
+    B, T, K, G, E = out.shape
+    return out.reshape(B, T, K * G, E)
+
+
+def attend(q_bthe, k_bske, v_bske, mask_bts) -> jax.Array:
+    """Grouped-query attention, softmax in fp32. Returns [B, T, H, E]."""
+    return attention_output(attention_probs(q_bthe, k_bske, mask_bts), v_bske)
+
+
 def project(spec: str, x: jax.Array, w: jax.Array, dtype) -> jax.Array:
     """einsum in `dtype` with fp32 accumulation, cast back to `dtype`. (Asking for the fp32
-    result keeps XLA:CPU on its fast bf16 kernels; otherwise it upcasts the weights every call.)
-
-    The custom VJP orders the weight-gradient einsum so that the narrower of x and dy comes
-    first: XLA:CPU materialises a transpose of that operand, and autodiff's fixed order made it
-    transpose the wide activation gradient (e.g. [B*T, 1536] in the MLP) before every
-    weight-gradient dot; ~20% of a SmolLM2 backward.
-    """
+    result keeps XLA:CPU on its fast bf16 kernels; otherwise it upcasts the weights every call.)"""
     out = jnp.einsum(spec, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
     return out.astype(dtype)
 
 
-def _project_fwd(spec, x, w, dtype):
-    return project(spec, x, w, dtype), (x, w)
+def weight_grad(x_axes: str, dy_axes: str, w_axes: str, x: jax.Array, dy: jax.Array) -> jax.Array:
+    """fp32 gradient w.r.t. w of `einsum(f"{x_axes},{w_axes}->{dy_axes}", x, w)`.
+
+    XLA:CPU transposes the dot operand whose free axes lead the output. Autodiff's order made it
+    transpose the wide activation gradient (e.g. [B*T, 1536] in the MLP) before every weight
+    gradient (~20% of a SmolLM2 backward). Here the narrower of x and dy leads, and the small
+    weight-sized result is transposed instead.
+    """
+    narrow, narrow_axes, wide, wide_axes = ((x, x_axes, dy, dy_axes) if x.size <= dy.size
+                                            else (dy, dy_axes, x, x_axes))
+    order = "".join(sorted(w_axes, key=lambda a: a not in narrow_axes))
+    grad = jnp.einsum(f"{narrow_axes},{wide_axes}->{order}", narrow, wide,
+                      preferred_element_type=jnp.float32)
+    return jnp.transpose(grad, [order.index(a) for a in w_axes])
 
 
-def _project_bwd(spec, dtype, residuals, dy):
-    x, w = residuals
-    x_axes, rest = spec.split(",")
-    w_axes, out_axes = rest.split("->")
-    dy = dy.astype(dtype)
-    dx = jnp.einsum(f"{out_axes},{w_axes}->{x_axes}", dy, w.astype(dtype),
-                    preferred_element_type=jnp.float32)
-    # Lead with the narrower of x and dy: XLA:CPU transposes the first operand of this dot.
-    if x.size <= dy.size:
-        dw = jnp.einsum(f"{x_axes},{out_axes}->{w_axes}", x.astype(dtype), dy,
-                        preferred_element_type=jnp.float32)
-    else:
-        dw = jnp.einsum(f"{out_axes},{x_axes}->{w_axes}", dy, x.astype(dtype),
-                        preferred_element_type=jnp.float32)
-    return dx.astype(x.dtype), dw.astype(w.dtype)
+def input_grad(dy_axes: str, w_axes: str, x_axes: str, dy: jax.Array, w: jax.Array, dtype):
+    """fp32 gradient w.r.t. x of `einsum(f"{x_axes},{w_axes}->{dy_axes}", x, w)`."""
+    return jnp.einsum(f"{dy_axes},{w_axes}->{x_axes}", dy.astype(dtype), w.astype(dtype),
+                      preferred_element_type=jnp.float32)
 
 
-project.defvjp(_project_fwd, _project_bwd)
+def gate_up(x_btd, layer, dtype):
+    return (project("btd,df->btf", x_btd, layer["w_gate"], dtype),
+            project("btd,df->btf", x_btd, layer["w_up"], dtype))
 
 
 def mlp(x_btd, layer, dtype) -> jax.Array:
-    gate = project("btd,df->btf", x_btd, layer["w_gate"], dtype)
-    up = project("btd,df->btf", x_btd, layer["w_up"], dtype)
+    gate, up = gate_up(x_btd, layer, dtype)
     return project("btf,fd->btd", jax.nn.silu(gate) * up, layer["w_down"], dtype)
 
 
 # ------------------------------------------------------------------------------------ the block
 
 
-def project_qkv(x_btd, layer, positions_bt, cfg: LlamaConfig, inv_freq):
+def qkv_projections(x_btd, layer, cfg: LlamaConfig):
+    """q [B, T, H, E], k and v [B, T, K, E], biases added, before q/k norm and rope."""
     dtype = cfg.dtype
     q = project("btd,dhe->bthe", x_btd, layer["wq"], dtype)
     k = project("btd,dke->btke", x_btd, layer["wk"], dtype)
@@ -285,33 +291,181 @@ def project_qkv(x_btd, layer, positions_bt, cfg: LlamaConfig, inv_freq):
         q = q + layer["bq"].astype(dtype)
         k = k + layer["bk"].astype(dtype)
         v = v + layer["bv"].astype(dtype)
+    return q, k, v
+
+
+def finish_qk(q_bthe, k_btke, qk_norms: Params, positions_bt, cfg: LlamaConfig, inv_freq):
+    """q/k RMSNorm (Qwen3; `qk_norms` holds q_norm and k_norm) and rope."""
     if cfg.qk_norm:
-        q = rms_norm(q, layer["q_norm"], cfg.rms_norm_eps)
-        k = rms_norm(k, layer["k_norm"], cfg.rms_norm_eps)
-    return apply_rope(q, positions_bt, inv_freq), apply_rope(k, positions_bt, inv_freq), v
+        q_bthe = rms_norm(q_bthe, qk_norms["q_norm"], cfg.rms_norm_eps)
+        k_btke = rms_norm(k_btke, qk_norms["k_norm"], cfg.rms_norm_eps)
+    return apply_rope(q_bthe, positions_bt, inv_freq), apply_rope(k_btke, positions_bt, inv_freq)
+
+
+def qk_norm_weights(layer: Params) -> Params:
+    return {name: layer[name] for name in ("q_norm", "k_norm") if name in layer}
+
+
+def project_qkv(x_btd, layer, positions_bt, cfg: LlamaConfig, inv_freq):
+    q, k, v = qkv_projections(x_btd, layer, cfg)
+    q, k = finish_qk(q, k, qk_norm_weights(layer), positions_bt, cfg, inv_freq)
+    return q, k, v
 
 
 def block(h_btd, layer, kv_cache, ctx: "_Context"):
     """One decoder layer.
 
-    `kv_cache` is None (attend within the T given tokens) or this layer's (k, v) cache slices
+    `kv_cache` is None (attend within the T given tokens; differentiable through
+    `_train_block`'s hand-written backward pass) or this layer's (k, v) cache slices
     [B, S, K, E], into which this step's keys and values are written before attending.
     """
+    if kv_cache is None:
+        return _train_block(ctx.cfg, ctx.mesh, h_btd, layer, ctx.positions_bt, ctx.mask_bts,
+                            ctx.inv_freq), None
     cfg, mesh = ctx.cfg, ctx.mesh
     x = rms_norm(h_btd, layer["attn_norm"], cfg.rms_norm_eps)
     q, k, v = project_qkv(x, layer, ctx.positions_bt, cfg, ctx.inv_freq)
     q = constrain(q, mesh, ("batch", "seq", "heads", "head_dim"))
-    if kv_cache is not None:
-        k_cache, v_cache = kv_cache
-        k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), ctx.start, 1)
-        v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), ctx.start, 1)
-        kv_cache = (k_cache, v_cache)
-        k, v = k_cache.astype(cfg.dtype), v_cache.astype(cfg.dtype)
-    attn = attend(q, k, v, ctx.mask_bts, cfg)
+    k_cache, v_cache = kv_cache
+    k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), ctx.start, 1)
+    v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), ctx.start, 1)
+    attn = attend(q, k_cache.astype(cfg.dtype), v_cache.astype(cfg.dtype), ctx.mask_bts)
     h_btd = h_btd + project("bthe,hed->btd", attn, layer["wo"], cfg.dtype)
     h_btd = constrain(h_btd, mesh, ("batch", "seq", "act_embed"))
     h_btd = h_btd + mlp(rms_norm(h_btd, layer["mlp_norm"], cfg.rms_norm_eps), layer, cfg.dtype)
-    return constrain(h_btd, mesh, ("batch", "seq", "act_embed")), kv_cache
+    return constrain(h_btd, mesh, ("batch", "seq", "act_embed")), (k_cache, v_cache)
+
+
+class _Saved(NamedTuple):
+    """What `_train_block`'s backward pass reads: the layer input, the matmul outputs and the
+    attention weights. Norms, rope and SwiGLU are recomputed from them (elementwise work),
+    which costs less than autodiff's stacking of every intermediate (~3x the memory)."""
+
+    h: jax.Array  # [B, T, D] layer input
+    q: jax.Array  # [B, T, H, E] projections before q/k norm and rope
+    k: jax.Array  # [B, T, K, E]
+    v: jax.Array  # [B, T, K, E]
+    probs: jax.Array  # [B, K, G, T, S]
+    attn: jax.Array  # [B, T, H, E] attention output
+    h_mid: jax.Array  # [B, T, D] after the attention residual
+    gate: jax.Array  # [B, T, F]
+    up: jax.Array  # [B, T, F]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _train_block(cfg: LlamaConfig, mesh, h_btd, layer, positions_bt, mask_bts, inv_freq):
+    """A decoder layer without cache, with a hand-written backward pass (`_block_backward`)."""
+    return _block_forward(cfg, mesh, h_btd, layer, positions_bt, mask_bts, inv_freq)[0]
+
+
+def _block_forward(cfg: LlamaConfig, mesh, h_btd, layer, positions_bt, mask_bts, inv_freq):
+    dtype, eps = cfg.dtype, cfg.rms_norm_eps
+    q_raw, k_raw, v = qkv_projections(rms_norm(h_btd, layer["attn_norm"], eps), layer, cfg)
+    q, k = finish_qk(q_raw, k_raw, qk_norm_weights(layer), positions_bt, cfg, inv_freq)
+    q = constrain(q, mesh, ("batch", "seq", "heads", "head_dim"))
+    probs = attention_probs(q, k, mask_bts)
+    attn = attention_output(probs, v)
+    h_mid = h_btd + project("bthe,hed->btd", attn, layer["wo"], dtype)
+    h_mid = constrain(h_mid, mesh, ("batch", "seq", "act_embed"))
+    gate, up = gate_up(rms_norm(h_mid, layer["mlp_norm"], eps), layer, dtype)
+    out = h_mid + project("btf,fd->btd", jax.nn.silu(gate) * up, layer["w_down"], dtype)
+    out = constrain(out, mesh, ("batch", "seq", "act_embed"))
+    return out, _Saved(h_btd, q_raw, k_raw, v, probs, attn, h_mid, gate, up)
+
+
+def _train_block_fwd(cfg, mesh, h_btd, layer, positions_bt, mask_bts, inv_freq):
+    out, saved = _block_forward(cfg, mesh, h_btd, layer, positions_bt, mask_bts, inv_freq)
+    return out, (saved, layer, positions_bt, mask_bts, inv_freq)
+
+
+def _train_block_bwd(cfg, mesh, residuals, d_out):
+    saved, layer, positions_bt, mask_bts, inv_freq = residuals
+    d_h, grads = _block_backward(cfg, saved, layer, positions_bt, mask_bts, inv_freq, d_out)
+    d_h = constrain(d_h, mesh, ("batch", "seq", "act_embed"))
+    grads = {name: grads[name].astype(w.dtype) for name, w in layer.items()}
+    return d_h, grads, None, None, None
+
+
+_train_block.defvjp(_train_block_fwd, _train_block_bwd)
+
+
+def _block_backward(cfg: LlamaConfig, saved: _Saved, layer, positions_bt, mask_bts, inv_freq,
+                    d_out):
+    """(d layer input, {weight name: fp32 gradient}) of one layer, from `_Saved`."""
+    dtype, eps = cfg.dtype, cfg.rms_norm_eps
+    norm = functools.partial(rms_norm, eps=eps)
+    grads = {}
+    x_mlp, mlp_norm_vjp = jax.vjp(norm, saved.h_mid, layer["mlp_norm"])
+    d_x_mlp, mlp_grads = _swiglu_backward(x_mlp, saved.gate, saved.up, layer, d_out, dtype)
+    grads.update(mlp_grads)
+    d_h_mid, grads["mlp_norm"] = mlp_norm_vjp(d_x_mlp.astype(x_mlp.dtype))
+    d_h_mid = d_h_mid + d_out
+
+    d_attn = input_grad("btd", "hed", "bthe", d_h_mid, layer["wo"], dtype).astype(dtype)
+    grads["wo"] = weight_grad("bthe", "btd", "hed", saved.attn, d_h_mid.astype(dtype))
+    (q, k), finish_vjp = jax.vjp(
+        lambda q, k, norms: finish_qk(q, k, norms, positions_bt, cfg, inv_freq),
+        saved.q, saved.k, qk_norm_weights(layer))
+    d_q, d_k, d_v = _attention_backward(q, k, saved.v, saved.probs, mask_bts, d_attn)
+    d_q, d_k, norm_grads = finish_vjp((d_q.astype(dtype), d_k.astype(dtype)))
+    grads.update(norm_grads)
+
+    x, attn_norm_vjp = jax.vjp(norm, saved.h, layer["attn_norm"])
+    d_x, qkv_grads = _qkv_backward(x, layer, d_q, d_k, d_v.astype(dtype), cfg)
+    grads.update(qkv_grads)
+    d_h, grads["attn_norm"] = attn_norm_vjp(d_x.astype(x.dtype))
+    return d_h + d_h_mid, grads
+
+
+def _swiglu_backward(x_btd, gate, up, layer, d_out, dtype):
+    """d x and the MLP weight gradients of down(silu(gate) * up), silu recomputed from gate."""
+    gate32, up32 = gate.astype(jnp.float32), up.astype(jnp.float32)
+    sig = jax.nn.sigmoid(gate32)
+    silu = (gate32 * sig).astype(dtype)
+    hidden, d_out = jax.lax.optimization_barrier((silu * up, d_out.astype(dtype)))
+    d_hidden = input_grad("btd", "fd", "btf", d_out, layer["w_down"], dtype)
+    d_up = (d_hidden * silu.astype(jnp.float32)).astype(dtype)
+    d_gate = (d_hidden * up32 * sig * (1 + gate32 * (1 - sig))).astype(dtype)
+    d_x = (input_grad("btf", "df", "btd", d_gate, layer["w_gate"], dtype)
+           + input_grad("btf", "df", "btd", d_up, layer["w_up"], dtype))
+    x = x_btd.astype(dtype)
+    return d_x, {"w_gate": weight_grad("btd", "btf", "df", x, d_gate),
+                 "w_up": weight_grad("btd", "btf", "df", x, d_up),
+                 "w_down": weight_grad("btf", "btd", "fd", hidden, d_out)}
+
+
+def _attention_backward(q_bthe, k_bske, v_bske, probs_bkgts, mask_bts, d_out_bthe):
+    """fp32 (d q, d k, d v) of `attend`, from its saved softmax weights."""
+    B, T, H, E = q_bthe.shape
+    K = k_bske.shape[2]
+    dtype = probs_bkgts.dtype
+    q_btkge = q_bthe.reshape(B, T, K, H // K, E)
+    d_out = d_out_bthe.reshape(B, T, K, H // K, E).astype(dtype)
+    d_v = jnp.einsum("bkgts,btkge->bske", probs_bkgts, d_out, preferred_element_type=jnp.float32)
+    d_probs = jnp.einsum("btkge,bske->bkgts", d_out, v_bske.astype(dtype),
+                         preferred_element_type=jnp.float32)
+    probs = probs_bkgts.astype(jnp.float32)
+    d_scores = probs * (d_probs - jnp.sum(d_probs * probs, axis=-1, keepdims=True))
+    d_scores = jnp.where(mask_bts[:, None, None], d_scores / math.sqrt(E), 0.0).astype(dtype)
+    d_q = jnp.einsum("bkgts,bske->btkge", d_scores, k_bske, preferred_element_type=jnp.float32)
+    d_k = jnp.einsum("bkgts,btkge->bske", d_scores, q_btkge, preferred_element_type=jnp.float32)
+    return d_q.reshape(B, T, H, E), d_k, d_v
+
+
+def _qkv_backward(x_btd, layer, d_q, d_k, d_v, cfg: LlamaConfig):
+    """d x and the gradients of the q/k/v projections (and their biases)."""
+    dtype = cfg.dtype
+    x = x_btd.astype(dtype)
+    d_x = (input_grad("bthe", "dhe", "btd", d_q, layer["wq"], dtype)
+           + input_grad("btke", "dke", "btd", d_k, layer["wk"], dtype)
+           + input_grad("btke", "dke", "btd", d_v, layer["wv"], dtype))
+    grads = {"wq": weight_grad("btd", "bthe", "dhe", x, d_q),
+             "wk": weight_grad("btd", "btke", "dke", x, d_k),
+             "wv": weight_grad("btd", "btke", "dke", x, d_v)}
+    if cfg.qkv_bias:
+        for name, d in (("bq", d_q), ("bk", d_k), ("bv", d_v)):
+            grads[name] = jnp.sum(d.astype(jnp.float32), axis=(0, 1))
+    return d_x, grads
 
 
 @dataclasses.dataclass(frozen=True)
