@@ -259,6 +259,10 @@ def weight_grad(x_axes: str, dy_axes: str, w_axes: str, x: jax.Array, dy: jax.Ar
     order = "".join(sorted(w_axes, key=lambda a: a not in narrow_axes))
     grad = jnp.einsum(f"{narrow_axes},{wide_axes}->{order}", narrow, wide,
                       preferred_element_type=jnp.float32)
+    # The barrier keeps XLA from folding the transpose back into the dot, which would leave a
+    # transposed-operand dot that XLA:CPU's fast kernels do not take (and its fallback has
+    # no bf16 x bf16 -> f32).
+    grad = jax.lax.optimization_barrier(grad)
     return jnp.transpose(grad, [order.index(a) for a in w_axes])
 
 
@@ -422,7 +426,7 @@ def _swiglu_backward(x_btd, gate, up, layer, d_out, dtype):
     gate32, up32 = gate.astype(jnp.float32), up.astype(jnp.float32)
     sig = jax.nn.sigmoid(gate32)
     silu = (gate32 * sig).astype(dtype)
-    hidden, d_out = jax.lax.optimization_barrier((silu * up, d_out.astype(dtype)))
+    hidden, d_out = silu * up, d_out.astype(dtype)
     d_hidden = input_grad("btd", "fd", "btf", d_out, layer["w_down"], dtype)
     d_up = (d_hidden * silu.astype(jnp.float32)).astype(dtype)
     d_gate = (d_hidden * up32 * sig * (1 + gate32 * (1 - sig))).astype(dtype)
