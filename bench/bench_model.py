@@ -35,6 +35,7 @@ def bench_jax(args, tokens, mask):
 
     from jaxcov.models.api import load_model
     from jaxcov.models.logprobs import token_logprobs
+    from jaxcov.xla_cpu import model_compile_options
 
     model = load_model("smollm2-135m-instruct", dtype="float32",
                        compute_dtype=args.compute_dtype, remat=args.remat, with_tokenizer=False)
@@ -45,8 +46,11 @@ def bench_jax(args, tokens, mask):
         logp, _ = token_logprobs(params, cfg, tokens, mask, mesh=mesh, chunk=args.chunk)
         return jnp.mean(logp[:, 1:])
 
-    fwd = jax.jit(lambda p: token_logprobs(p, cfg, tokens, mask, mesh=mesh, chunk=args.chunk)[0])
-    bwd = jax.jit(jax.value_and_grad(mean_logp))
+    # Compiled as the trainer compiles its scoring and update programs.
+    options = model_compile_options(args.compute_dtype)
+    fwd = jax.jit(lambda p: token_logprobs(p, cfg, tokens, mask, mesh=mesh, chunk=args.chunk)[0],
+                  compiler_options=options)
+    bwd = jax.jit(jax.value_and_grad(mean_logp), compiler_options=options)
     t = time.perf_counter()
     fwd.lower(model.params).compile()
     compile_fwd = time.perf_counter() - t

@@ -63,11 +63,14 @@ def build_updates(model, logprob_fn, args):
     from jaxcov.config import OptimConfig
     from jaxcov.optim import make_optimizer
     from jaxcov.update import make_update_fn
+    from jaxcov.xla_cpu import model_compile_options
 
     optimizer, _ = make_optimizer(OptimConfig(lr=1e-6), 1000)
+    options = model_compile_options(model.config.compute_dtype)  # as the trainer compiles it
     updates = {}
     for loss in LOSSES:
-        fn = make_update_fn(logprob_fn, optimizer, algo_for(loss), args.micro_batch)
+        fn = make_update_fn(logprob_fn, optimizer, algo_for(loss), args.micro_batch,
+                            compiler_options=options)
         params = jax.tree.map(jnp.copy, model.params)
         updates[loss] = [fn, params, optimizer.init(params)]
     return updates

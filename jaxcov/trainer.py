@@ -52,6 +52,7 @@ from jaxcov.rewards import close_scorers
 from jaxcov.sampler import compile_count, generate
 from jaxcov.sharding import batch_size_multiple, constrain, make_mesh, named_sharding
 from jaxcov.update import MiniBatch, merge_micro_batches, split_micro_batches, update_policy
+from jaxcov.xla_cpu import model_compile_options
 
 
 class TrainingStopped(RuntimeError):
@@ -106,7 +107,7 @@ def logprob_function(cfg, mesh, chunk):
     return logprobs
 
 
-def scoring_function(logprob_fn, micro_rows: int, mesh):
+def scoring_function(logprob_fn, micro_rows: int, mesh, compiler_options=None):
     """Jitted (params, tokens_bt, mask_bt) -> (logp_bt, entropy_bt) for a whole step batch, run
     `micro_rows` rows at a time, so scoring never holds more activations than one update
     micro-batch (the step batch can be many mini-batches)."""
@@ -116,7 +117,7 @@ def scoring_function(logprob_fn, micro_rows: int, mesh):
             return logprob_fn(params, tokens_bt, attention_mask_bt)
         micro = split_micro_batches((tokens_bt, attention_mask_bt), rows // micro_rows, mesh)
         return merge_micro_batches(jax.lax.map(lambda x: logprob_fn(params, *x), micro))
-    return jax.jit(score)
+    return jax.jit(score, compiler_options=compiler_options)
 
 
 def _guarded_update(params, opt_state, batch, key, lr, **static):
@@ -144,10 +145,11 @@ def build_context(config: ExperimentConfig) -> RunContext:
     update = functools.partial(_guarded_update, logprob_fn=logprob_fn,
                                optimizer=optimizer, algo=config.algo, micro_batch_size=micro,
                                mesh=mesh)
+    options = model_compile_options(model.config.compute_dtype)
     return RunContext(
         config=config, model=model, optimizer=optimizer, schedule=schedule,
-        update_fn=jax.jit(update, donate_argnums=(0, 1)),
-        score_fn=scoring_function(logprob_fn, micro, mesh),
+        update_fn=jax.jit(update, donate_argnums=(0, 1), compiler_options=options),
+        score_fn=scoring_function(logprob_fn, micro, mesh, options),
         data=PromptIterator(train_set, t.prompts_per_step, config.data.seed, config.data.shuffle),
         eval_data=eval_set, base_key=jax.random.key(config.seed),
         ref_params=jax.tree.map(jnp.copy, model.params) if config.algo.ref_kl_coef > 0 else None)

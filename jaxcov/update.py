@@ -196,7 +196,7 @@ def update_policy(params: Params, opt_state: optax.OptState, batch: MiniBatch, k
 
 def make_update_fn(logprob_fn: LogprobFn, optimizer: optax.GradientTransformation,
                    algo: AlgoConfig, micro_batch_size: int, mesh: Optional[Mesh] = None,
-                   donate: bool = True):
+                   donate: bool = True, compiler_options: Optional[dict] = None):
     """`update_policy` with its static arguments bound, jitted, params and opt_state donated.
 
     Returns f(params, opt_state, batch, key, learning_rate=None) -> (params, opt_state, metrics).
@@ -205,4 +205,5 @@ def make_update_fn(logprob_fn: LogprobFn, optimizer: optax.GradientTransformatio
     """
     update = functools.partial(update_policy, logprob_fn=logprob_fn, optimizer=optimizer,
                                algo=algo, micro_batch_size=micro_batch_size, mesh=mesh)
-    return jax.jit(update, donate_argnums=(0, 1) if donate else ())
+    return jax.jit(update, donate_argnums=(0, 1) if donate else (),
+                   compiler_options=compiler_options)

@@ -324,3 +324,21 @@ def test_bf16_gradient_at_real_layer_sizes_matches_fp32():
     for got, want in zip(jax.tree.leaves(grads("bfloat16")), jax.tree.leaves(grads("float32"))):
         got, want = np.asarray(got, np.float32), np.asarray(want)
         assert np.abs(got - want).max() <= 0.05 * np.abs(want).max()
+
+
+def test_cpu_compile_options_keep_the_gradient():
+    """The XLA:CPU options the trainer compiles fp32 programs with (XNNPACK dots) are accepted
+    by this jaxlib and change no gradient; bf16 programs get none."""
+    from jaxcov.models.logprobs import token_logprobs
+    from jaxcov.xla_cpu import model_compile_options
+
+    options = model_compile_options("float32")
+    assert options and model_compile_options("bfloat16") == {}
+    cfg = tiny_config("qwen2", hidden_size=128, intermediate_size=384)
+    params = llama.init_params(cfg, jax.random.key(1), std=0.1)
+    tokens, mask = (jnp.asarray(a) for a in _padded_batch("left"))
+    grad = jax.grad(lambda p: jnp.mean(token_logprobs(p, cfg, tokens, mask, chunk=4)[0]))
+    for got, want in zip(jax.tree.leaves(jax.jit(grad, compiler_options=options)(params)),
+                         jax.tree.leaves(jax.jit(grad)(params))):
+        got, want = np.asarray(got), np.asarray(want)  # equal up to summation order
+        assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
