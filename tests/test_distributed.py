@@ -216,6 +216,9 @@ def test_two_processes_make_the_same_step_as_one(tmp_path):
     want_state, got_state = _restore_state(one), _restore_state(two)
     assert int(got_state["step"]) == int(want_state["step"]) == 1
     assert jax.tree.structure(got_state) == jax.tree.structure(want_state)
-    difference = _max_relative_difference(want_state["params"], got_state["params"])
-    assert difference <= 1e-5, difference
+    # The gradient moments (AdamW mu, nu) agree to fp32 summation order (6e-7). Adam's first
+    # step, lr * g / (|g| + eps), turns that noise into lr-sized moves for elements whose
+    # gradient is near zero, hence the looser bound on the parameters (2.6e-5 of a leaf with
+    # XNNPACK dots, 4e-8 without).
     assert _max_relative_difference(want_state["opt_state"], got_state["opt_state"]) <= 1e-5
+    assert _max_relative_difference(want_state["params"], got_state["params"]) <= 1e-4
