@@ -247,7 +247,7 @@ def array_item(phase: str, name: str, arrays: Sequence[Array], mesh, times: int 
 
 
 def layer_activations(cfg: LlamaConfig, rows: int, queries: int, keys: int) -> list[Array]:
-    """The intermediates of one decoder layer (`llama.block`) for `rows` sequences of
+    """The intermediates of one decoder layer (`llama._train_block`) for `rows` sequences of
     `queries` tokens attending to `keys` slots. Projections are fp32 dot outputs cast to the
     compute dtype; attention scores are fp32, their softmax is in the compute dtype."""
     D, F, H, K, E = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,

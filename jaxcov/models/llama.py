@@ -343,7 +343,7 @@ def block(h_btd, layer, kv_cache, ctx: "_Context"):
 class _Saved(NamedTuple):
     """What `_train_block`'s backward pass reads: the layer input, the matmul outputs and the
     attention weights. Norms, rope and SwiGLU are recomputed from them (elementwise work),
-    which costs less than autodiff's stacking of every intermediate (~3x the memory)."""
+    which costs less than autodiff's stacking of every intermediate (about twice the memory)."""
 
     h: jax.Array  # [B, T, D] layer input
     q: jax.Array  # [B, T, H, E] projections before q/k norm and rope
