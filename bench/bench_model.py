@@ -14,6 +14,8 @@ import time
 
 import numpy as np
 
+from machine import machine_line
+
 
 def _best_times(fns: dict, repeats: int) -> dict:
     """Best wall time of each callable over `repeats` interleaved rounds. In each round a
@@ -117,6 +119,7 @@ def main():
         ours, theirs = best[("jaxcov", k)], best.get(("torch", k), float("nan"))
         print(f"{k:18}{ours:10.3f}{theirs:10.3f}{theirs / ours:14.2f}")
     print(f"compile: forward {compile_fwd:.1f} s, forward+backward {compile_bwd:.1f} s")
+    print(machine_line())
 
 if __name__ == "__main__":
     main()

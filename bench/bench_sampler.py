@@ -13,6 +13,8 @@ import argparse
 import os
 import time
 
+from machine import machine_line
+
 QUESTIONS = [
     "What is 17 times 23?", "Name three primary colors.", "Why is the sky blue?",
     "Write a haiku about autumn leaves.", "What is the capital city of Australia?",
@@ -136,6 +138,7 @@ def main():
     print(f"\nbest of {args.repeats} interleaved calls; compile s = first call - best call; "
           f"sampler programs compiled: {sampler.compile_count()}; "
           f"load average after: {os.getloadavg()[0]:.1f}")
+    print(machine_line())
 
 
 if __name__ == "__main__":

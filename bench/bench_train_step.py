@@ -17,6 +17,8 @@ import time
 
 import numpy as np
 
+from machine import machine_line
+
 LOSSES = ("ppo_clip", "clip_cov", "kl_cov")
 PROMPT, RESPONSE, GROUP = 32, 96, 8
 
@@ -120,6 +122,7 @@ def main():
     for loss in LOSSES:
         overhead = best[loss] / best["ppo_clip"] - 1.0
         print(f"{loss:10}{best[loss]:10.3f}{overhead:+12.1%}{compile_s[loss]:14.1f}")
+    print(machine_line())
 
 
 if __name__ == "__main__":

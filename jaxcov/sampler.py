@@ -336,22 +336,6 @@ def repeat_cache(cache: DecodeCache, n: int, mesh: Optional[Mesh]) -> DecodeCach
                                             ("batch", "cache_seq")))
 
 
-def _block(h_btd, layer, attention, positions_bt, inv_freq, cfg: LlamaConfig, mesh):
-    """One decoder layer, as `llama.block`; `attention(q, k, v)` -> ([B, T, H, E], new cache)
-    attends within the prompt (prefill) or against the cache (decode)."""
-    B, T, D = h_btd.shape
-    x = llama.rms_norm(h_btd, layer["attn_norm"], cfg.rms_norm_eps)
-    q, k, v = llama.project_qkv(x, layer, positions_bt, cfg, inv_freq)
-    attn_bthe, kv = attention(constrain(q, mesh, ("batch", "seq", "heads", "head_dim")), k, v)
-    # Flattening (h, e) first keeps XLA from transposing wo instead of the small activation.
-    wo_fd = layer["wo"].reshape(-1, D)
-    h_btd = h_btd + llama.project("btf,fd->btd", attn_bthe.reshape(B, T, -1), wo_fd, cfg.dtype)
-    h_btd = constrain(h_btd, mesh, ("batch", "seq", "act_embed"))
-    mlp_in = llama.rms_norm(h_btd, layer["mlp_norm"], cfg.rms_norm_eps)
-    h_btd = h_btd + llama.mlp(mlp_in, layer, cfg.dtype)
-    return constrain(h_btd, mesh, ("batch", "seq", "act_embed")), kv
-
-
 def _prompt_pass(params, layers, cfg: LlamaConfig, tokens_bt, positions_bt, mask_bts, past,
                  mesh):
     """Runs T prompt tokens per row through every layer. Each attends to `past` (per layer,
@@ -365,7 +349,7 @@ def _prompt_pass(params, layers, cfg: LlamaConfig, tokens_bt, positions_bt, mask
             if past_kv is not None:
                 k_btke = jnp.concatenate([past_kv[0], k_btke], axis=1)
                 v_btke = jnp.concatenate([past_kv[1], v_btke], axis=1)
-            return llama.attend(q_bthe, k_btke, v_btke, mask_bts), (k_btke, v_btke)
+            return llama.attend(q_bthe, k_btke, v_btke, mask_bts), None, (k_btke, v_btke)
         return attention
 
     h = constrain(embed_tokens(params["embed"], tokens_bt, cfg.dtype), mesh,
@@ -373,7 +357,7 @@ def _prompt_pass(params, layers, cfg: LlamaConfig, tokens_bt, positions_bt, mask
     kvs = []
     for i, layer in enumerate(layers):
         attention = attention_after(None if past is None else past[i])
-        h, kv = _block(h, layer, attention, positions_bt, inv_freq, cfg, mesh)
+        h, _, kv = llama.layer_forward(h, layer, attention, positions_bt, inv_freq, cfg, mesh)
         kvs.append(kv)
     return h, kvs
 
@@ -442,10 +426,11 @@ def decode_step(params: Params, layers: Sequence[Params], cfg: LlamaConfig, toke
             k_cache, v_cache = write(k_cache, k_r1ke[:, 0]), write(v_cache, v_r1ke[:, 0])
             q_rkge = q_r1he.reshape(R, K, cfg.num_heads // K, cfg.head_dim)
             out_rkge = _attend_cache(q_rkge, k_cache, v_cache, mask_rs)
-            return out_rkge.reshape(R, 1, cfg.num_heads, cfg.head_dim), (k_cache, v_cache)
+            out_r1he = out_rkge.reshape(R, 1, cfg.num_heads, cfg.head_dim)
+            return out_r1he, None, (k_cache, v_cache)
 
-        h, (k_cache, v_cache) = _block(h, layer, attention, position_r[:, None], inv_freq,
-                                       cfg, mesh)
+        h, _, (k_cache, v_cache) = llama.layer_forward(h, layer, attention, position_r[:, None],
+                                                       inv_freq, cfg, mesh)
         ks.append(k_cache)
         vs.append(v_cache)
     h_rd = llama.rms_norm(h[:, 0], params["final_norm"], cfg.rms_norm_eps)

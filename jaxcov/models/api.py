@@ -23,6 +23,7 @@ from jaxcov.models.logprobs import token_logprobs
 from jaxcov.models.presets import tiny_config
 from jaxcov.models.registry import load_tokenizer, resolve_model_source
 from jaxcov.sharding import make_mesh, named_sharding
+from jaxcov.xla_cpu import model_compile_options
 
 
 def param_shardings(cfg: LlamaConfig, mesh: Mesh):
@@ -46,14 +47,20 @@ def init_params(cfg: LlamaConfig, key: jax.Array, mesh: Mesh, dtype=jnp.float32)
     return init(key)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "mesh"))
 def _logits(params, tokens_bt, mask_bt, cfg, mesh):
     return llama.forward(params, cfg, tokens_bt, mask_bt, mesh=mesh)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "mesh", "chunk"))
 def _logprobs(params, tokens_bt, mask_bt, cfg, mesh, chunk):
     return token_logprobs(params, cfg, tokens_bt, mask_bt, mesh=mesh, chunk=chunk)
+
+
+@functools.cache
+def _jitted(fn, compute_dtype: str, static_argnames: tuple[str, ...]):
+    """`fn` jitted with the XLA options of its compute dtype, as the trainer compiles its
+    scoring programs (`jaxcov.xla_cpu`)."""
+    return jax.jit(fn, static_argnames=static_argnames,
+                   compiler_options=model_compile_options(compute_dtype))
 
 
 @dataclasses.dataclass
@@ -67,14 +74,16 @@ class Model:
 
     def logits(self, tokens_bt, attention_mask_bt) -> jax.Array:
         """fp32 logits [B, T, V]; positions count only unmasked tokens (left padding is fine)."""
-        return _logits(self.params, jnp.asarray(tokens_bt), jnp.asarray(attention_mask_bt),
-                       self.config, self.mesh)
+        logits = _jitted(_logits, self.config.compute_dtype, ("cfg", "mesh"))
+        return logits(self.params, jnp.asarray(tokens_bt), jnp.asarray(attention_mask_bt),
+                      self.config, self.mesh)
 
     def logprobs(self, tokens_bt, attention_mask_bt, chunk: int = 128):
         """(logp_bt, entropy_bt): log-prob of each token given its prefix, and the entropy of
         the distribution it was drawn from; index 0 is 0. Full logits never materialise."""
-        return _logprobs(self.params, jnp.asarray(tokens_bt), jnp.asarray(attention_mask_bt),
-                         self.config, self.mesh, chunk)
+        logprobs = _jitted(_logprobs, self.config.compute_dtype, ("cfg", "mesh", "chunk"))
+        return logprobs(self.params, jnp.asarray(tokens_bt), jnp.asarray(attention_mask_bt),
+                        self.config, self.mesh, chunk)
 
 
 RANDOM_PREFIX = "random:"
