@@ -239,6 +239,44 @@ def attend(q_bthe, k_bske, v_bske, mask_bts) -> jax.Array:
     return attention_output(attention_probs(q_bthe, k_bske, mask_bts), v_bske)
 
 
+# Training attends within the T tokens in a head-major layout: every matmul of the forward and
+# the hand-written backward is then a plain batched [M, E] x [E, S] product over (b, k), with the
+# G query heads of a kv head stacked along M = G*T. XLA:CPU runs these about twice as fast as
+# the [B, T, K, G, E] einsums (which transpose inside every dot); the layout changes happen once,
+# fused into rope (q, k) and into the out-projection's input.
+
+
+def to_heads(x_bthe: jax.Array, kv_heads: int) -> jax.Array:
+    """[B, T, K*G, E] -> [B, K, G*T, E] (query head k*G + g at rows g*T .. g*T + T - 1)."""
+    B, T, H, E = x_bthe.shape
+    G = H // kv_heads
+    x = x_bthe.reshape(B, T, kv_heads, G, E).transpose(0, 2, 3, 1, 4)
+    return x.reshape(B, kv_heads, G * T, E)
+
+
+def from_heads(x_bkme: jax.Array, seq: int) -> jax.Array:
+    """Inverse of `to_heads`: [B, K, G*T, E] -> [B, T, K*G, E]."""
+    B, K, M, E = x_bkme.shape
+    G = M // seq
+    return x_bkme.reshape(B, K, G, seq, E).transpose(0, 3, 1, 2, 4).reshape(B, seq, K * G, E)
+
+
+def heads_probs(q_bkme, k_bkse, mask_bts) -> jax.Array:
+    """Softmax attention weights [B, K, G*T, S] (fp32 softmax, cast to q's dtype)."""
+    B, K, M, E = q_bkme.shape
+    T, S = mask_bts.shape[1:]
+    scores = jnp.einsum("bkme,bkse->bkms", q_bkme, k_bkse,
+                        preferred_element_type=jnp.float32) / math.sqrt(E)
+    scores = jnp.where(mask_bts[:, None, None], scores.reshape(B, K, M // T, T, S), -1e30)
+    return jax.nn.softmax(scores, axis=-1).reshape(B, K, M, S).astype(q_bkme.dtype)
+
+
+def heads_output(probs_bkms, v_bkse) -> jax.Array:
+    """[B, K, G*T, E] weighted sum of the values."""
+    return jnp.einsum("bkms,bkse->bkme", probs_bkms, v_bkse.astype(probs_bkms.dtype),
+                      preferred_element_type=jnp.float32).astype(probs_bkms.dtype)
+
+
 def project(spec: str, x: jax.Array, w: jax.Array, dtype) -> jax.Array:
     """einsum in `dtype` with fp32 accumulation, cast back to `dtype`. (Asking for the fp32
     result keeps XLA:CPU on its fast bf16 kernels; otherwise it upcasts the weights every call.)"""
@@ -312,18 +350,20 @@ def qk_norm_weights(layer: Params) -> Params:
 
 class LayerResiduals(NamedTuple):
     """What `_train_block`'s backward pass reads: the layer input, the matmul outputs and the
-    attention weights. Norms, rope and SwiGLU are recomputed from them (elementwise work),
-    which costs less than autodiff's stacking of every intermediate (about twice the memory)."""
+    attention weights. Norms, rope and SwiGLU are recomputed or inverted from them (elementwise
+    work), which costs less than autodiff's stacking of every intermediate (about twice the
+    memory)."""
 
     h: jax.Array  # [B, T, D] layer input
-    q: jax.Array  # [B, T, H, E] projections before q/k norm and rope
-    k: jax.Array  # [B, T, K, E]
+    q: Optional[jax.Array]  # [B, T, H, E] projections before q/k norm and rope (qk_norm only)
+    k: Optional[jax.Array]  # [B, T, K, E]
     v: jax.Array  # [B, T, K, E]
-    probs: Optional[jax.Array]  # [B, K, G, T, S] (None from an attention that keeps no weights)
+    probs: Optional[jax.Array]  # attention weights (None from an attention that keeps none)
     attn: jax.Array  # [B, T, H, E] attention output
     h_mid: jax.Array  # [B, T, D] after the attention residual
     gate: jax.Array  # [B, T, F]
     up: jax.Array  # [B, T, F]
+    heads: Optional[tuple] = None  # training: q, k (after rope), v head-major [B, K, *, E]
 
 
 # attention(q [B, T, H, E], k, v [B, T, K, E]) -> (output [B, T, H, E], softmax weights or None,
@@ -384,13 +424,18 @@ def _train_block(cfg: LlamaConfig, mesh, h_btd, layer, positions_bt, mask_bts, i
 
 def _block_forward(cfg: LlamaConfig, mesh, h_btd, layer, positions_bt, mask_bts, inv_freq):
     """(layer output, `LayerResiduals`) attending within the T tokens under `mask_bts`."""
-    def attention_within(q, k, v):
-        probs = attention_probs(q, k, mask_bts)
-        return attention_output(probs, v), probs, None
+    K, T = cfg.num_kv_heads, h_btd.shape[1]
 
-    out, saved, _ = layer_forward(h_btd, layer, attention_within, positions_bt, inv_freq,
-                                  cfg, mesh)
-    return out, saved
+    def attention_within(q, k, v):
+        heads = to_heads(q, K), to_heads(k, K), to_heads(v, K)
+        probs = heads_probs(heads[0], heads[1], mask_bts)
+        return from_heads(heads_output(probs, heads[2]), T), probs, heads
+
+    out, saved, heads = layer_forward(h_btd, layer, attention_within, positions_bt, inv_freq,
+                                      cfg, mesh)
+    if not cfg.qk_norm:  # the backward inverts rope on the gradients and needs no q, k
+        saved = saved._replace(q=None, k=None)
+    return out, saved._replace(heads=heads)
 
 
 def _train_block_fwd(cfg, mesh, h_btd, layer, positions_bt, mask_bts, inv_freq):
@@ -423,11 +468,9 @@ def _block_backward(cfg: LlamaConfig, saved: LayerResiduals, layer, positions_bt
 
     d_attn = input_grad("btd", "hed", "bthe", d_h_mid, layer["wo"], dtype).astype(dtype)
     grads["wo"] = weight_grad("bthe", "btd", "hed", saved.attn, d_h_mid.astype(dtype))
-    (q, k), finish_vjp = jax.vjp(
-        lambda q, k, norms: finish_qk(q, k, norms, positions_bt, cfg, inv_freq),
-        saved.q, saved.k, qk_norm_weights(layer))
-    d_q, d_k, d_v = _attention_backward(q, k, saved.v, saved.probs, mask_bts, d_attn)
-    d_q, d_k, norm_grads = finish_vjp((d_q.astype(dtype), d_k.astype(dtype)))
+    d_q, d_k, d_v = _attention_backward(*saved.heads, saved.probs, mask_bts, d_attn)
+    d_q, d_k, norm_grads = _finish_qk_backward(d_q.astype(dtype), d_k.astype(dtype), saved,
+                                               layer, positions_bt, cfg, inv_freq)
     grads.update(norm_grads)
 
     x, attn_norm_vjp = jax.vjp(norm, saved.h, layer["attn_norm"])
@@ -454,22 +497,39 @@ def _swiglu_backward(x_btd, gate, up, layer, d_out, dtype):
                  "w_down": weight_grad("btf", "btd", "fd", hidden, d_out)}
 
 
-def _attention_backward(q_bthe, k_bske, v_bske, probs_bkgts, mask_bts, d_out_bthe):
-    """fp32 (d q, d k, d v) of `attend`, from its saved softmax weights."""
-    B, T, H, E = q_bthe.shape
-    K = k_bske.shape[2]
-    dtype = probs_bkgts.dtype
-    q_btkge = q_bthe.reshape(B, T, K, H // K, E)
-    d_out = d_out_bthe.reshape(B, T, K, H // K, E).astype(dtype)
-    d_v = jnp.einsum("bkgts,btkge->bske", probs_bkgts, d_out, preferred_element_type=jnp.float32)
-    d_probs = jnp.einsum("btkge,bske->bkgts", d_out, v_bske.astype(dtype),
+def _attention_backward(q_bkme, k_bkse, v_bkse, probs_bkms, mask_bts, d_out_bthe):
+    """fp32 (d q [B, T, H, E], d k, d v [B, T, K, E]) of the head-major training attention
+    (`heads_probs`, `heads_output`), from its saved softmax weights."""
+    B, K, M, E = q_bkme.shape
+    T, S = mask_bts.shape[1:]
+    dtype = probs_bkms.dtype
+    d_out = to_heads(d_out_bthe.astype(dtype), K)
+    d_v = jnp.einsum("bkms,bkme->bkse", probs_bkms, d_out, preferred_element_type=jnp.float32)
+    d_probs = jnp.einsum("bkme,bkse->bkms", d_out, v_bkse.astype(dtype),
                          preferred_element_type=jnp.float32)
-    probs = probs_bkgts.astype(jnp.float32)
+    probs = probs_bkms.astype(jnp.float32)
     d_scores = probs * (d_probs - jnp.sum(d_probs * probs, axis=-1, keepdims=True))
-    d_scores = jnp.where(mask_bts[:, None, None], d_scores / math.sqrt(E), 0.0).astype(dtype)
-    d_q = jnp.einsum("bkgts,bske->btkge", d_scores, k_bske, preferred_element_type=jnp.float32)
-    d_k = jnp.einsum("bkgts,btkge->bske", d_scores, q_btkge, preferred_element_type=jnp.float32)
-    return d_q.reshape(B, T, H, E), d_k, d_v
+    d_scores = jnp.where(mask_bts[:, None, None], d_scores.reshape(B, K, M // T, T, S), 0.0)
+    d_scores = (d_scores.reshape(B, K, M, S) / math.sqrt(E)).astype(dtype)
+    d_q = jnp.einsum("bkms,bkse->bkme", d_scores, k_bkse, preferred_element_type=jnp.float32)
+    d_k = jnp.einsum("bkms,bkme->bkse", d_scores, q_bkme, preferred_element_type=jnp.float32)
+    return from_heads(d_q, T), from_heads(d_k, T), from_heads(d_v, T)
+
+
+def _finish_qk_backward(d_q, d_k, saved: LayerResiduals, layer, positions_bt,
+                        cfg: LlamaConfig, inv_freq):
+    """(d q, d k) before `finish_qk` and the q/k norm gradients. Rope is a rotation, so its
+    backward is the rotation by the opposite angle; the q/k norms (Qwen3) go through autodiff
+    from the saved projections."""
+    d_q = apply_rope(d_q, positions_bt, -inv_freq)
+    d_k = apply_rope(d_k, positions_bt, -inv_freq)
+    if not cfg.qk_norm:
+        return d_q, d_k, {}
+    norm = functools.partial(rms_norm, eps=cfg.rms_norm_eps)
+    _, q_vjp = jax.vjp(norm, saved.q, layer["q_norm"])
+    _, k_vjp = jax.vjp(norm, saved.k, layer["k_norm"])
+    (d_q, d_q_norm), (d_k, d_k_norm) = q_vjp(d_q), k_vjp(d_k)
+    return d_q, d_k, {"q_norm": d_q_norm, "k_norm": d_k_norm}
 
 
 def _qkv_backward(x_btd, layer, d_q, d_k, d_v, cfg: LlamaConfig):

@@ -1,56 +1,210 @@
-"""Per-token log-probabilities and entropies of given token ids, computed in sequence chunks.
+"""Per-token log-probabilities and entropies of given token ids, computed in chunks.
 
-The full B x T x V fp32 logits (16 x 1024 x 49152 x 4 bytes = 3.2 GB) never exist at once:
-hidden states are split into chunks along the sequence and each chunk's logits are made, reduced
-to (log-prob, entropy) and dropped. When the logits of the whole batch would exceed
-`SAVED_LOGITS_LIMIT_BYTES`, the chunk function is rematerialised, so the backward pass recomputes
-a chunk's logits (one more [tokens x D x V] matmul) instead of storing them; below it (short RL
-micro-batches of a small model) they are kept, which saves ~10% of a SmolLM2 forward+backward.
+The full B x T x V fp32 logits (16 x 1024 x 49152 x 4 bytes = 3.2 GB) never exist at once.
+Hidden states are split into chunks along the sequence, and each chunk's logits are made one
+vocabulary chunk at a time (`VOCAB_CHUNK` ids), folded into an online log-sum-exp, target logit
+and entropy, and dropped. A [tokens x 2048] fp32 block stays in cache between the matmul that
+makes it and the reductions that read it; whole-vocabulary logits did not (SmolLM2 16 x 128: head
+forward 1.02 -> 0.76 s, forward+backward 2.8 -> 2.2 s, `bench/RESULTS.md`).
+
+The backward pass is written by hand (`_head_stats_bwd`): per vocabulary chunk, the logit
+gradient onehot - p (plus the entropy term) and its two matmuls. It reads the chunk logits saved
+by the forward when the logits of the whole batch stay under `SAVED_LOGITS_LIMIT_BYTES` (short RL
+micro-batches of a small model) and recomputes them (one more [tokens x D x V] matmul) above it.
+
+On a mesh whose `tensor` axis splits the vocabulary, every chunk takes ids from every tensor
+device's block (`VocabChunks`), so the chunk loop stays local to each device.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import functools
+import math
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from jaxcov.models.llama import LlamaConfig, Params, forward_hidden, unembed_matrix
+from jaxcov.models.llama import LlamaConfig, Params, forward_hidden
 from jaxcov.sharding import constrain
 
-# fp32 logits of a [B, T] batch up to this size are kept for the backward pass (with the
-# probabilities derived from them, about 3x this in residuals); larger ones are recomputed.
+# fp32 logits of a [B, T] batch up to this size are kept for the backward pass; larger ones are
+# recomputed there.
 SAVED_LOGITS_LIMIT_BYTES = 512 * 2**20
+# Vocabulary ids per logits block (about: the vocabulary is cut into equal chunks).
+VOCAB_CHUNK = 2048
+# Logit of the padding ids that make the vocabulary a multiple of the chunk count: finite, so
+# that exp() gives 0 and 0 * logit stays 0 (no NaN) in the entropy sums.
+_PAD_LOGIT = -1e30
 
 
-def _chunk_stats(h_bcd, targets_bc, w_dv, temperature):
-    logits = jnp.einsum("bcd,dv->bcv", h_bcd, w_dv, preferred_element_type=jnp.float32)
+def unembed_rows(params: Params, cfg: LlamaConfig) -> jax.Array:
+    """[V, D] output projection, one row per token id (the embedding itself when tied)."""
+    w = params["embed"] if cfg.tie_word_embeddings else params["lm_head"].T
+    return w.astype(cfg.dtype)
+
+
+class VocabChunks(NamedTuple):
+    """How the [V, D] output projection is cut into `count` chunks of `size` ids.
+
+    The vocabulary is split over the `tensor` mesh axis in `shards` contiguous blocks; chunk k
+    takes `size / shards` consecutive ids of every block, so each chunk has rows on every
+    tensor device and the loop over chunks stays local. With one shard a chunk is a plain
+    contiguous run of ids and cutting the matrix copies nothing.
+    """
+
+    vocab: int
+    shards: int
+    count: int
+    size: int  # ids per chunk, a multiple of shards
+
+    @property
+    def per_shard(self) -> int:
+        return self.size // self.shards
+
+    @property
+    def padded(self) -> bool:
+        return self.count * self.per_shard != self.vocab // self.shards
+
+    def ids(self, k: int) -> jax.Array:
+        """[size] token id of each row of chunk k (`vocab` on padding rows)."""
+        shard, row = jnp.divmod(jnp.arange(self.size), self.per_shard)
+        offset = k * self.per_shard + row  # within the shard's block
+        block = self.vocab // self.shards
+        return jnp.where(offset < block, shard * block + offset, self.vocab)
+
+    def locate(self, ids_n: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(chunk, row within the chunk) of each token id."""
+        shard, offset = jnp.divmod(ids_n, self.vocab // self.shards)
+        chunk, row = jnp.divmod(offset, self.per_shard)
+        return chunk, shard * self.per_shard + row
+
+
+def vocab_chunks(vocab: int, mesh: Optional[Mesh]) -> VocabChunks:
+    shards = mesh.shape["tensor"] if mesh is not None else 1
+    shards = shards if vocab % shards == 0 else 1  # an indivisible vocabulary stays whole
+    per_shard = vocab // shards
+    count = max(1, round(vocab / VOCAB_CHUNK))
+    return VocabChunks(vocab, shards, count, shards * math.ceil(per_shard / count))
+
+
+def split_vocab(w_vd: jax.Array, chunks: VocabChunks) -> list[jax.Array]:
+    """The [size, D] rows of every chunk (zero rows where the vocabulary is padded)."""
+    D = w_vd.shape[1]
+    w = w_vd.reshape(chunks.shards, chunks.vocab // chunks.shards, D)
+    w = jnp.pad(w, ((0, 0), (0, chunks.count * chunks.per_shard - w.shape[1]), (0, 0)))
+    w = w.reshape(chunks.shards, chunks.count, chunks.per_shard, D).swapaxes(0, 1)
+    w = w.reshape(chunks.count, chunks.size, D)
+    return [w[k] for k in range(chunks.count)]
+
+
+def join_vocab(w_chunks: list[jax.Array], chunks: VocabChunks) -> jax.Array:
+    """Inverse of `split_vocab`: [V, D] from the chunks' rows."""
+    D = w_chunks[0].shape[1]
+    w = jnp.stack(w_chunks).reshape(chunks.count, chunks.shards, chunks.per_shard, D)
+    w = w.swapaxes(0, 1).reshape(chunks.shards, chunks.count * chunks.per_shard, D)
+    return w[:, :chunks.vocab // chunks.shards].reshape(chunks.vocab, D)
+
+
+def _chunk_logits(h_nd, w_cd, chunks: VocabChunks, k: int, temperature: float):
+    """[N, size] fp32 logits of chunk k, padding ids at `_PAD_LOGIT`."""
+    logits = jnp.einsum("nd,cd->nc", h_nd, w_cd, preferred_element_type=jnp.float32)
     logits = logits / temperature
-    log_z = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, targets_bc[..., None], axis=-1)[..., 0]
-    probs = jnp.exp(logits - log_z[..., None])
-    entropy = log_z - jnp.sum(probs * logits, axis=-1)
-    return target_logit - log_z, entropy
+    if not chunks.padded:
+        return logits
+    return jnp.where(chunks.ids(k)[None, :] < chunks.vocab, logits, _PAD_LOGIT)
 
 
-def logprobs_from_hidden(h_btd: jax.Array, w_dv: jax.Array, targets_bt: jax.Array,
-                         chunk: int, temperature: float = 1.0):
-    """log p(targets[t] | h[t]) and the entropy at each position, both [B, T] fp32."""
+def _head_forward(h_nd, targets_n, w_vd, chunks: VocabChunks, temperature, keep_logits):
+    """(log-prob, entropy, log Z) [N] and the chunk logits (None unless kept).
+
+    The chunks are a Python loop rather than a scan: a scan would stack the kept logits into a
+    zero-filled buffer (a quarter second at SmolLM2 16 x 128) and copy them in.
+    """
+    target_chunk, target_row = chunks.locate(targets_n)
+    N = h_nd.shape[0]
+    max_n = jnp.full((N,), -jnp.inf, jnp.float32)
+    sum_exp = sum_exp_logit = target_logit = jnp.zeros((N,), jnp.float32)
+    kept = []
+    for k, w_cd in enumerate(split_vocab(w_vd, chunks)):
+        logits = _chunk_logits(h_nd, w_cd, chunks, k, temperature)
+        new_max = jnp.maximum(max_n, jnp.max(logits, axis=-1))
+        rescale = jnp.exp(max_n - new_max)
+        exp = jnp.exp(logits - new_max[:, None])
+        sum_exp = sum_exp * rescale + jnp.sum(exp, axis=-1)
+        sum_exp_logit = sum_exp_logit * rescale + jnp.sum(exp * logits, axis=-1)
+        in_chunk = jnp.take_along_axis(logits, target_row[:, None], axis=-1)[:, 0]
+        target_logit = target_logit + jnp.where(target_chunk == k, in_chunk, 0.0)
+        max_n = new_max
+        kept.append(logits)
+    log_z = max_n + jnp.log(sum_exp)
+    return (target_logit - log_z, log_z - sum_exp_logit / sum_exp, log_z,
+            kept if keep_logits else None)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def head_stats(h_nd, targets_n, w_vd, chunks: VocabChunks, temperature: float,
+               keep_logits: bool):
+    """log p(target | h) and the entropy of softmax(h @ w_vd.T / temperature), both [N]."""
+    logp, entropy, _, _ = _head_forward(h_nd, targets_n, w_vd, chunks, temperature, False)
+    return logp, entropy
+
+
+def _head_stats_fwd(h_nd, targets_n, w_vd, chunks, temperature, keep_logits):
+    logp, entropy, log_z, logits = _head_forward(h_nd, targets_n, w_vd, chunks, temperature,
+                                                 keep_logits)
+    return (logp, entropy), (h_nd, targets_n, w_vd, log_z, entropy, logits)
+
+
+def _head_stats_bwd(chunks, temperature, keep_logits, residuals, cotangents):
+    """d logit_j = g_logp (onehot_j - p_j) - g_entropy p_j (log p_j + H), divided by T."""
+    h_nd, targets_n, w_vd, log_z, entropy, kept = residuals
+    g_logp, g_entropy = (g[:, None] for g in cotangents)
+    target_chunk, target_row = chunks.locate(targets_n)
+    d_h = jnp.zeros(h_nd.shape, jnp.float32)
+    d_w = []
+    for k, w_cd in enumerate(split_vocab(w_vd, chunks)):
+        logits = kept[k] if kept is not None else _chunk_logits(h_nd, w_cd, chunks, k,
+                                                                 temperature)
+        log_p = logits - log_z[:, None]
+        p = jnp.exp(log_p)
+        onehot = ((target_chunk == k)[:, None]
+                  & (jnp.arange(chunks.size)[None, :] == target_row[:, None]))
+        d_logits = (jnp.where(onehot, g_logp, 0.0)
+                    - p * (g_logp + g_entropy * (log_p + entropy[:, None])))
+        d_logits = (d_logits / temperature).astype(w_cd.dtype)
+        d_h = d_h + jnp.einsum("nc,cd->nd", d_logits, w_cd, preferred_element_type=jnp.float32)
+        d_w.append(jnp.einsum("nc,nd->cd", d_logits, h_nd,
+                              preferred_element_type=jnp.float32).astype(w_vd.dtype))
+    return d_h.astype(h_nd.dtype), None, join_vocab(d_w, chunks)
+
+
+head_stats.defvjp(_head_stats_fwd, _head_stats_bwd)
+
+
+def logprobs_from_hidden(h_btd: jax.Array, w_vd: jax.Array, targets_bt: jax.Array,
+                         chunk: int, temperature: float = 1.0, mesh: Optional[Mesh] = None):
+    """log p(targets[t] | h[t]) and the entropy at each position, both [B, T] fp32.
+
+    `w_vd` is the [V, D] output projection (`unembed_rows`); `chunk` positions of every row are
+    scored at a time.
+    """
     B, T, D = h_btd.shape
+    V = w_vd.shape[0]
     chunk = min(chunk, T)
     pad = -T % chunk
     h = jnp.pad(h_btd, ((0, 0), (0, pad), (0, 0)))
     targets = jnp.pad(targets_bt, ((0, 0), (0, pad)))
     n = (T + pad) // chunk
-    h_nbcd = h.reshape(B, n, chunk, D).swapaxes(0, 1)
-    targets_nbc = targets.reshape(B, n, chunk).swapaxes(0, 1)
-    stats = lambda xs: _chunk_stats(xs[0], xs[1], w_dv, temperature)  # noqa: E731
-    if B * T * w_dv.shape[1] * 4 > SAVED_LOGITS_LIMIT_BYTES:
-        stats = jax.checkpoint(stats)
-    logp_nbc, ent_nbc = jax.lax.map(stats, (h_nbcd, targets_nbc))
-    unchunk = lambda x: x.swapaxes(0, 1).reshape(B, T + pad)[:, :T]  # noqa: E731
-    return unchunk(logp_nbc), unchunk(ent_nbc)
+    h_nmd = h.reshape(B, n, chunk, D).swapaxes(0, 1).reshape(n, B * chunk, D)
+    targets_nm = targets.reshape(B, n, chunk).swapaxes(0, 1).reshape(n, B * chunk)
+    chunks = vocab_chunks(V, mesh)
+    keep_logits = B * T * V * 4 <= SAVED_LOGITS_LIMIT_BYTES
+    stats = lambda xs: head_stats(xs[0], xs[1], w_vd, chunks, temperature, keep_logits)  # noqa
+    logp_nm, ent_nm = jax.lax.map(stats, (h_nmd, targets_nm))
+    unchunk = lambda x: x.reshape(n, B, chunk).swapaxes(0, 1).reshape(B, T + pad)[:, :T]  # noqa
+    return unchunk(logp_nm), unchunk(ent_nm)
 
 
 def token_logprobs(params: Params, cfg: LlamaConfig, tokens_bt: jax.Array,
@@ -62,8 +216,8 @@ def token_logprobs(params: Params, cfg: LlamaConfig, tokens_bt: jax.Array,
     token t under the distribution predicted at t-1 (index 0 has no prediction and is 0).
     """
     h, _ = forward_hidden(params, cfg, tokens_bt, attention_mask_bt, mesh=mesh)
-    w = unembed_matrix(params, cfg).astype(cfg.dtype)
-    logp, ent = logprobs_from_hidden(h[:, :-1], w, tokens_bt[:, 1:], chunk, temperature)
+    logp, ent = logprobs_from_hidden(h[:, :-1], unembed_rows(params, cfg), tokens_bt[:, 1:],
+                                     chunk, temperature, mesh)
     logp = jnp.pad(logp, ((0, 0), (1, 0)))
     ent = jnp.pad(ent, ((0, 0), (1, 0)))
     return constrain(logp, mesh, ("batch", "seq")), constrain(ent, mesh, ("batch", "seq"))
