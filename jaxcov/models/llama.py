@@ -357,7 +357,7 @@ class LayerResiduals(NamedTuple):
     h: jax.Array  # [B, T, D] layer input
     q: Optional[jax.Array]  # [B, T, H, E] projections before q/k norm and rope (qk_norm only)
     k: Optional[jax.Array]  # [B, T, K, E]
-    v: jax.Array  # [B, T, K, E]
+    v: Optional[jax.Array]  # [B, T, K, E] (training keeps the head-major `heads` instead)
     probs: Optional[jax.Array]  # attention weights (None from an attention that keeps none)
     attn: jax.Array  # [B, T, H, E] attention output
     h_mid: jax.Array  # [B, T, D] after the attention residual
@@ -433,9 +433,12 @@ def _block_forward(cfg: LlamaConfig, mesh, h_btd, layer, positions_bt, mask_bts,
 
     out, saved, heads = layer_forward(h_btd, layer, attention_within, positions_bt, inv_freq,
                                       cfg, mesh)
-    if not cfg.qk_norm:  # the backward inverts rope on the gradients and needs no q, k
+    # The backward reads q, k, v head-major; it inverts rope on the gradients, so it needs the
+    # projections before rope only for the q/k norms' gradient.
+    saved = saved._replace(v=None, heads=heads)
+    if not cfg.qk_norm:
         saved = saved._replace(q=None, k=None)
-    return out, saved._replace(heads=heads)
+    return out, saved
 
 
 def _train_block_fwd(cfg, mesh, h_btd, layer, positions_bt, mask_bts, inv_freq):
