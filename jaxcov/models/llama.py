@@ -623,6 +623,13 @@ def unembed_matrix(params: Params, cfg: LlamaConfig) -> jax.Array:
     return params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
 
 
+def unembed_rows(params: Params, cfg: LlamaConfig) -> jax.Array:
+    """[V, D] output projection in the compute dtype, one row per token id (the embedding
+    itself when tied), as the chunked log-prob head reads it (`jaxcov.models.logprobs`)."""
+    w = params["embed"] if cfg.tie_word_embeddings else params["lm_head"].T
+    return w.astype(cfg.dtype)
+
+
 def logits_from_hidden(params: Params, cfg: LlamaConfig, h_btd: jax.Array) -> jax.Array:
     w = unembed_matrix(params, cfg).astype(cfg.dtype)
     return jnp.einsum("btd,dv->btv", h_btd, w, preferred_element_type=jnp.float32)

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from jaxcov.models.llama import LlamaConfig, Params, forward_hidden
+from jaxcov.models.llama import LlamaConfig, Params, forward_hidden, unembed_rows
 from jaxcov.sharding import constrain
 
 # fp32 logits of a [B, T] batch up to this size are kept for the backward pass; larger ones are
@@ -37,12 +37,6 @@ VOCAB_CHUNK = 2048
 # Logit of the padding ids that make the vocabulary a multiple of the chunk count: finite, so
 # that exp() gives 0 and 0 * logit stays 0 (no NaN) in the entropy sums.
 _PAD_LOGIT = -1e30
-
-
-def unembed_rows(params: Params, cfg: LlamaConfig) -> jax.Array:
-    """[V, D] output projection, one row per token id (the embedding itself when tied)."""
-    w = params["embed"] if cfg.tie_word_embeddings else params["lm_head"].T
-    return w.astype(cfg.dtype)
 
 
 class VocabChunks(NamedTuple):
@@ -137,7 +131,8 @@ def _head_forward(h_nd, targets_n, w_vd, chunks: VocabChunks, temperature, keep_
         in_chunk = jnp.take_along_axis(logits, target_row[:, None], axis=-1)[:, 0]
         target_logit = target_logit + jnp.where(target_chunk == k, in_chunk, 0.0)
         max_n = new_max
-        kept.append(logits)
+        if keep_logits:
+            kept.append(logits)
     log_z = max_n + jnp.log(sum_exp)
     return (target_logit - log_z, log_z - sum_exp_logit / sum_exp, log_z,
             kept if keep_logits else None)
