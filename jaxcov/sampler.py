@@ -43,6 +43,7 @@ from jax.sharding import Mesh
 
 from jaxcov.config import ConfigError, SamplerConfig
 from jaxcov.distributed import to_global, to_host
+from jaxcov.models import attention as attention_lib
 from jaxcov.models import llama
 from jaxcov.models.llama import LlamaConfig, Params
 from jaxcov.sharding import batch_size_multiple, constrain, named_sharding
@@ -336,20 +337,22 @@ def repeat_cache(cache: DecodeCache, n: int, mesh: Optional[Mesh]) -> DecodeCach
                                             ("batch", "cache_seq")))
 
 
-def _prompt_pass(params, layers, cfg: LlamaConfig, tokens_bt, positions_bt, mask_bts, past,
+def _prompt_pass(params, layers, cfg: LlamaConfig, tokens_bt, positions_bt, valid_bs, past,
                  mesh):
     """Runs T prompt tokens per row through every layer. Each attends to `past` (per layer,
-    (k, v) [B, C, K, E] of earlier tokens, or None) and to the T tokens, under `mask_bts`
-    [B, T, C + T]. Returns the hidden states [B, T, D] and per layer (k, v) [B, C + T, K, E]."""
-    B, T = tokens_bt.shape
+    (k, v) [B, C, K, E] of earlier tokens, or None) and to the T tokens, causally, over the
+    real slots `valid_bs` [B, C + T], through `cfg.attention`'s kernel. Returns the hidden
+    states [B, T, D] and per layer (k, v) [B, C + T, K, E]."""
     inv_freq = llama.rope_inv_freq(cfg)
+    spec = cfg.attention_spec(q_offset=valid_bs.shape[1] - tokens_bt.shape[1])
 
     def attention_after(past_kv):
         def attention(q_bthe, k_btke, v_btke):
             if past_kv is not None:
                 k_btke = jnp.concatenate([past_kv[0], k_btke], axis=1)
                 v_btke = jnp.concatenate([past_kv[1], v_btke], axis=1)
-            return llama.attend(q_bthe, k_btke, v_btke, mask_bts), None, (k_btke, v_btke)
+            out = attention_lib.attention(q_bthe, k_btke, v_btke, valid_bs, spec, mesh)
+            return out, None, (k_btke, v_btke)
         return attention
 
     h = constrain(embed_tokens(params["embed"], tokens_bt, cfg.dtype), mesh,
@@ -375,16 +378,12 @@ def prefill(params: Params, layers: Sequence[Params], cfg: LlamaConfig, prefix_c
     C = prefix_c.shape[0]
     past = None
     if C:
-        causal_1cc = llama.attention_mask(jnp.ones((1, C), bool), jnp.arange(C)[None],
-                                          cfg.sliding_window)
         _, past = _prompt_pass(params, layers, cfg, prefix_c[None], jnp.arange(C)[None],
-                               causal_1cc, None, mesh)
+                               jnp.ones((1, C), bool), None, mesh)
         past = jax.tree.map(lambda x: jnp.broadcast_to(x, (B,) + x.shape[1:]), past)
     valid_bs = jnp.concatenate([jnp.ones((B, C), bool), mask_bp.astype(bool)], axis=1)
-    mask_bps = llama.attention_mask(valid_bs, C + jnp.broadcast_to(jnp.arange(P), (B, P)),
-                                    cfg.sliding_window)
     positions_bp = C + llama.default_positions(mask_bp)
-    h, kvs = _prompt_pass(params, layers, cfg, prompt_bp, positions_bp, mask_bps, past, mesh)
+    h, kvs = _prompt_pass(params, layers, cfg, prompt_bp, positions_bp, valid_bs, past, mesh)
     to_cache = lambda x_bske: constrain(  # noqa: E731
         jnp.pad(x_bske.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, width), (0, 0))),
         mesh, DecodeCache.AXES)
@@ -624,7 +623,9 @@ def sample(params: Params, cfg: LlamaConfig, mesh: Optional[Mesh],
     prompts = check_prompts(prompts, config)
     batch = batch_bucket(len(prompts), n, mesh)
     # A shared prefix changes slot distances, which sliding windows compare: not for those.
-    share = config.share_prompt_prefix and cfg.sliding_window is None
+    # cuDNN's kernel masks by lengths only, so it cannot attend past a prefix either.
+    share = (config.share_prompt_prefix and cfg.sliding_window is None
+             and cfg.attention != "cudnn")
     prefix_len = shared_prefix_len(prompts, PREFIX_MULTIPLE) if share else 0
     rest = [p[prefix_len:] for p in prompts]
     rest_bp, rest_mask_bp = left_pad(rest, bucket(max(map(len, rest)), config.min_bucket),

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from flax import struct
 from jax.sharding import Mesh
 
+from jaxcov.models import attention as attn_lib
 from jaxcov.sharding import constrain
 
 Params = dict[str, Any]
@@ -57,6 +58,12 @@ class LlamaConfig:
     # Run options.
     compute_dtype: str = "float32"
     remat: str = "full"
+    attention: str = "chunked"  # an `attention.IMPLEMENTATIONS` name (resolved, never "auto")
+    attention_block: int = 512
+    # The platform the programs are built for. "cpu" selects the CPU fast path (hand-written
+    # layer backward); others use autodiff around the attention kernel, with nothing tuned for
+    # XLA:CPU.
+    platform: str = "cpu"
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -67,6 +74,15 @@ class LlamaConfig:
     @property
     def dtype(self):
         return jnp.dtype(self.compute_dtype)
+
+    def attention_spec(self, q_offset: int = 0) -> attn_lib.Spec:
+        return attn_lib.Spec(impl=self.attention, window=self.sliding_window, q_offset=q_offset,
+                             block=self.attention_block, platform=self.platform)
+
+    @property
+    def cpu_fast_path(self) -> bool:
+        """Whether training layers run `_train_block` (hand-written backward, CPU layouts)."""
+        return self.platform == "cpu" and self.attention in ("dense", "chunked")
 
     def replace(self, **changes) -> "LlamaConfig":
         return dataclasses.replace(self, **changes)
@@ -239,42 +255,11 @@ def attend(q_bthe, k_bske, v_bske, mask_bts) -> jax.Array:
     return attention_output(attention_probs(q_bthe, k_bske, mask_bts), v_bske)
 
 
-# Training attends within the T tokens in a head-major layout: every matmul of the forward and
-# the hand-written backward is then a plain batched [M, E] x [E, S] product over (b, k), with the
-# G query heads of a kv head stacked along M = G*T. XLA:CPU runs these about twice as fast as
-# the [B, T, K, G, E] einsums (which transpose inside every dot); the layout changes happen once,
-# fused into rope (q, k) and into the out-projection's input.
-
-
-def to_heads(x_bthe: jax.Array, kv_heads: int) -> jax.Array:
-    """[B, T, K*G, E] -> [B, K, G*T, E] (query head k*G + g at rows g*T .. g*T + T - 1)."""
-    B, T, H, E = x_bthe.shape
-    G = H // kv_heads
-    x = x_bthe.reshape(B, T, kv_heads, G, E).transpose(0, 2, 3, 1, 4)
-    return x.reshape(B, kv_heads, G * T, E)
-
-
-def from_heads(x_bkme: jax.Array, seq: int) -> jax.Array:
-    """Inverse of `to_heads`: [B, K, G*T, E] -> [B, T, K*G, E]."""
-    B, K, M, E = x_bkme.shape
-    G = M // seq
-    return x_bkme.reshape(B, K, G, seq, E).transpose(0, 3, 1, 2, 4).reshape(B, seq, K * G, E)
-
-
-def heads_probs(q_bkme, k_bkse, mask_bts) -> jax.Array:
-    """Softmax attention weights [B, K, G*T, S] (fp32 softmax, cast to q's dtype)."""
-    B, K, M, E = q_bkme.shape
-    T, S = mask_bts.shape[1:]
-    scores = jnp.einsum("bkme,bkse->bkms", q_bkme, k_bkse,
-                        preferred_element_type=jnp.float32) / math.sqrt(E)
-    scores = jnp.where(mask_bts[:, None, None], scores.reshape(B, K, M // T, T, S), -1e30)
-    return jax.nn.softmax(scores, axis=-1).reshape(B, K, M, S).astype(q_bkme.dtype)
-
-
-def heads_output(probs_bkms, v_bkse) -> jax.Array:
-    """[B, K, G*T, E] weighted sum of the values."""
-    return jnp.einsum("bkms,bkse->bkme", probs_bkms, v_bkse.astype(probs_bkms.dtype),
-                      preferred_element_type=jnp.float32).astype(probs_bkms.dtype)
+# The CPU training path attends in a head-major layout ([B, K, G, T, E], `attention.to_heads`):
+# every matmul of the forward and the hand-written backward is then a plain batched product
+# over (b, k), which XLA:CPU runs about twice as fast as [B, T, K, G, E] einsums (those
+# transpose inside every dot); the layout changes happen once, fused into rope (q, k) and into
+# the out-projection's input.
 
 
 def project(spec: str, x: jax.Array, w: jax.Array, dtype) -> jax.Array:
@@ -358,12 +343,12 @@ class LayerResiduals(NamedTuple):
     q: Optional[jax.Array]  # [B, T, H, E] projections before q/k norm and rope (qk_norm only)
     k: Optional[jax.Array]  # [B, T, K, E]
     v: Optional[jax.Array]  # [B, T, K, E] (training keeps the head-major `heads` instead)
-    probs: Optional[jax.Array]  # attention weights (None from an attention that keeps none)
+    probs: Any  # what the attention keeps for its backward (`attention.HeadsResidual`) or None
     attn: jax.Array  # [B, T, H, E] attention output
     h_mid: jax.Array  # [B, T, D] after the attention residual
     gate: jax.Array  # [B, T, F]
     up: jax.Array  # [B, T, F]
-    heads: Optional[tuple] = None  # training: q, k (after rope), v head-major [B, K, *, E]
+    heads: Optional[tuple] = None  # training: q [B, K, G, T, E], k, v [B, K, T, E] (after rope)
 
 
 # attention(q [B, T, H, E], k, v [B, T, K, E]) -> (output [B, T, H, E], softmax weights or None,
@@ -395,41 +380,50 @@ def layer_forward(h_btd, layer, attention: Attention, positions_bt, inv_freq,
 def block(h_btd, layer, kv_cache, ctx: "_Context"):
     """One decoder layer.
 
-    `kv_cache` is None (attend within the T given tokens; differentiable through
-    `_train_block`'s hand-written backward pass) or this layer's (k, v) cache slices
+    `kv_cache` is None (attend within the T given tokens) or this layer's (k, v) cache slices
     [B, S, K, E], into which this step's keys and values are written before attending.
+    Without a cache the CPU fast path is `_train_block` (hand-written backward); elsewhere the
+    layer is autodiff around `cfg.attention`'s kernel, under the scan's remat policy.
     """
-    if kv_cache is None:
-        return _train_block(ctx.cfg, ctx.mesh, h_btd, layer, ctx.positions_bt, ctx.mask_bts,
+    cfg = ctx.cfg
+    if kv_cache is None and cfg.cpu_fast_path:
+        return _train_block(cfg, ctx.mesh, h_btd, layer, ctx.positions_bt, ctx.valid_bs,
                             ctx.inv_freq), None
-    dtype = ctx.cfg.dtype
+    if kv_cache is None:
+        def attention_within(q, k, v):
+            return attn_lib.attention(q, k, v, ctx.valid_bs, cfg.attention_spec(), ctx.mesh), \
+                None, None
+        out, _, _ = layer_forward(h_btd, layer, attention_within, ctx.positions_bt,
+                                  ctx.inv_freq, cfg, ctx.mesh)
+        return out, None
 
     def attention_over_cache(q, k, v):
         k_cache, v_cache = (jax.lax.dynamic_update_slice_in_dim(cache, x.astype(cache.dtype),
                                                                 ctx.start, 1)
                             for cache, x in zip(kv_cache, (k, v)))
-        out = attend(q, k_cache.astype(dtype), v_cache.astype(dtype), ctx.mask_bts)
+        out = attend(q, k_cache.astype(cfg.dtype), v_cache.astype(cfg.dtype), ctx.mask_bts)
         return out, None, (k_cache, v_cache)
 
     out, _, kv_cache = layer_forward(h_btd, layer, attention_over_cache, ctx.positions_bt,
-                                     ctx.inv_freq, ctx.cfg, ctx.mesh)
+                                     ctx.inv_freq, cfg, ctx.mesh)
     return out, kv_cache
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _train_block(cfg: LlamaConfig, mesh, h_btd, layer, positions_bt, mask_bts, inv_freq):
+def _train_block(cfg: LlamaConfig, mesh, h_btd, layer, positions_bt, valid_bt, inv_freq):
     """A decoder layer without cache, with a hand-written backward pass (`_block_backward`)."""
-    return _block_forward(cfg, mesh, h_btd, layer, positions_bt, mask_bts, inv_freq)[0]
+    return _block_forward(cfg, mesh, h_btd, layer, positions_bt, valid_bt, inv_freq)[0]
 
 
-def _block_forward(cfg: LlamaConfig, mesh, h_btd, layer, positions_bt, mask_bts, inv_freq):
-    """(layer output, `LayerResiduals`) attending within the T tokens under `mask_bts`."""
-    K, T = cfg.num_kv_heads, h_btd.shape[1]
+def _block_forward(cfg: LlamaConfig, mesh, h_btd, layer, positions_bt, valid_bt, inv_freq):
+    """(layer output, `LayerResiduals`) attending within the T tokens (real ones: `valid_bt`),
+    head-major through `attention.heads_forward`."""
+    K, spec = cfg.num_kv_heads, cfg.attention_spec()
 
     def attention_within(q, k, v):
-        heads = to_heads(q, K), to_heads(k, K), to_heads(v, K)
-        probs = heads_probs(heads[0], heads[1], mask_bts)
-        return from_heads(heads_output(probs, heads[2]), T), probs, heads
+        heads = (attn_lib.to_heads(q, K),) + tuple(x.transpose(0, 2, 1, 3) for x in (k, v))
+        out, saved = attn_lib.heads_forward(*heads, valid_bt, spec)
+        return attn_lib.from_heads(out), saved, heads
 
     out, saved, heads = layer_forward(h_btd, layer, attention_within, positions_bt, inv_freq,
                                       cfg, mesh)
@@ -441,14 +435,14 @@ def _block_forward(cfg: LlamaConfig, mesh, h_btd, layer, positions_bt, mask_bts,
     return out, saved
 
 
-def _train_block_fwd(cfg, mesh, h_btd, layer, positions_bt, mask_bts, inv_freq):
-    out, saved = _block_forward(cfg, mesh, h_btd, layer, positions_bt, mask_bts, inv_freq)
-    return out, (saved, layer, positions_bt, mask_bts, inv_freq)
+def _train_block_fwd(cfg, mesh, h_btd, layer, positions_bt, valid_bt, inv_freq):
+    out, saved = _block_forward(cfg, mesh, h_btd, layer, positions_bt, valid_bt, inv_freq)
+    return out, (saved, layer, positions_bt, valid_bt, inv_freq)
 
 
 def _train_block_bwd(cfg, mesh, residuals, d_out):
-    saved, layer, positions_bt, mask_bts, inv_freq = residuals
-    d_h, grads = _block_backward(cfg, saved, layer, positions_bt, mask_bts, inv_freq, d_out)
+    saved, layer, positions_bt, valid_bt, inv_freq = residuals
+    d_h, grads = _block_backward(cfg, saved, layer, positions_bt, valid_bt, inv_freq, d_out)
     d_h = constrain(d_h, mesh, ("batch", "seq", "act_embed"))
     grads = {name: grads[name].astype(w.dtype) for name, w in layer.items()}
     return d_h, grads, None, None, None
@@ -457,7 +451,7 @@ def _train_block_bwd(cfg, mesh, residuals, d_out):
 _train_block.defvjp(_train_block_fwd, _train_block_bwd)
 
 
-def _block_backward(cfg: LlamaConfig, saved: LayerResiduals, layer, positions_bt, mask_bts,
+def _block_backward(cfg: LlamaConfig, saved: LayerResiduals, layer, positions_bt, valid_bt,
                     inv_freq, d_out):
     """(d layer input, {weight name: fp32 gradient}) of one layer, from `LayerResiduals`."""
     dtype, eps = cfg.dtype, cfg.rms_norm_eps
@@ -471,7 +465,7 @@ def _block_backward(cfg: LlamaConfig, saved: LayerResiduals, layer, positions_bt
 
     d_attn = input_grad("btd", "hed", "bthe", d_h_mid, layer["wo"], dtype).astype(dtype)
     grads["wo"] = weight_grad("bthe", "btd", "hed", saved.attn, d_h_mid.astype(dtype))
-    d_q, d_k, d_v = _attention_backward(*saved.heads, saved.probs, mask_bts, d_attn)
+    d_q, d_k, d_v = _attention_backward(saved, valid_bt, d_attn, cfg)
     d_q, d_k, norm_grads = _finish_qk_backward(d_q.astype(dtype), d_k.astype(dtype), saved,
                                                layer, positions_bt, cfg, inv_freq)
     grads.update(norm_grads)
@@ -481,6 +475,14 @@ def _block_backward(cfg: LlamaConfig, saved: LayerResiduals, layer, positions_bt
     grads.update(qkv_grads)
     d_h, grads["attn_norm"] = attn_norm_vjp(d_x.astype(x.dtype))
     return d_h + d_h_mid, grads
+
+
+def _attention_backward(saved: LayerResiduals, valid_bt, d_attn_bthe, cfg: LlamaConfig):
+    """fp32 (d q [B, T, H, E], d k, d v [B, T, K, E]) of the head-major training attention."""
+    d_out = attn_lib.to_heads(d_attn_bthe, cfg.num_kv_heads)
+    d_q, d_k, d_v = attn_lib.heads_backward(*saved.heads, valid_bt, saved.probs, d_out,
+                                            cfg.attention_spec())
+    return attn_lib.from_heads(d_q), d_k.transpose(0, 2, 1, 3), d_v.transpose(0, 2, 1, 3)
 
 
 def _swiglu_backward(x_btd, gate, up, layer, d_out, dtype):
@@ -498,25 +500,6 @@ def _swiglu_backward(x_btd, gate, up, layer, d_out, dtype):
     return d_x, {"w_gate": weight_grad("btd", "btf", "df", x, d_gate),
                  "w_up": weight_grad("btd", "btf", "df", x, d_up),
                  "w_down": weight_grad("btf", "btd", "fd", hidden, d_out)}
-
-
-def _attention_backward(q_bkme, k_bkse, v_bkse, probs_bkms, mask_bts, d_out_bthe):
-    """fp32 (d q [B, T, H, E], d k, d v [B, T, K, E]) of the head-major training attention
-    (`heads_probs`, `heads_output`), from its saved softmax weights."""
-    B, K, M, E = q_bkme.shape
-    T, S = mask_bts.shape[1:]
-    dtype = probs_bkms.dtype
-    d_out = to_heads(d_out_bthe.astype(dtype), K)
-    d_v = jnp.einsum("bkms,bkme->bkse", probs_bkms, d_out, preferred_element_type=jnp.float32)
-    d_probs = jnp.einsum("bkme,bkse->bkms", d_out, v_bkse.astype(dtype),
-                         preferred_element_type=jnp.float32)
-    probs = probs_bkms.astype(jnp.float32)
-    d_scores = probs * (d_probs - jnp.sum(d_probs * probs, axis=-1, keepdims=True))
-    d_scores = jnp.where(mask_bts[:, None, None], d_scores.reshape(B, K, M // T, T, S), 0.0)
-    d_scores = (d_scores.reshape(B, K, M, S) / math.sqrt(E)).astype(dtype)
-    d_q = jnp.einsum("bkms,bkse->bkme", d_scores, k_bkse, preferred_element_type=jnp.float32)
-    d_k = jnp.einsum("bkms,bkme->bkse", d_scores, q_bkme, preferred_element_type=jnp.float32)
-    return from_heads(d_q, T), from_heads(d_k, T), from_heads(d_v, T)
 
 
 def _finish_qk_backward(d_q, d_k, saved: LayerResiduals, layer, positions_bt,
@@ -558,7 +541,8 @@ class _Context:
     cfg: LlamaConfig
     mesh: Optional[Mesh]
     positions_bt: jax.Array
-    mask_bts: jax.Array
+    valid_bs: jax.Array  # [B, S] real key slots
+    mask_bts: Optional[jax.Array]  # [B, T, S] (the cache path only: training keeps O(T))
     start: jax.Array
     inv_freq: jax.Array
 
@@ -603,9 +587,11 @@ def forward_hidden(params: Params, cfg: LlamaConfig, tokens_bt: jax.Array,
         start, kv = cache.end, (cache.k, cache.v)
         valid_bs = jax.lax.dynamic_update_slice_in_dim(
             cache.valid_bs, attention_mask_bt.astype(bool), start, 1)
-    query_slots_bt = jnp.broadcast_to(start + jnp.arange(T), (B, T))
-    mask_bts = attention_mask(valid_bs, query_slots_bt, cfg.sliding_window)
-    ctx = _Context(cfg, mesh, positions_bt, mask_bts, start, rope_inv_freq(cfg))
+    mask_bts = None
+    if cache is not None:
+        query_slots_bt = jnp.broadcast_to(start + jnp.arange(T), (B, T))
+        mask_bts = attention_mask(valid_bs, query_slots_bt, cfg.sliding_window)
+    ctx = _Context(cfg, mesh, positions_bt, valid_bs, mask_bts, start, rope_inv_freq(cfg))
     # Gather rows from a whole table: XLA cannot gather from a vocab-split table without
     # replicating it anyway, and says so with "involuntary full rematerialization".
     embed = constrain(params["embed"], mesh, (None, None))
