@@ -40,7 +40,8 @@ def bench_jax(args, tokens, mask):
     from jaxcov.xla_cpu import model_compile_options
 
     model = load_model("smollm2-135m-instruct", dtype="float32",
-                       compute_dtype=args.compute_dtype, remat=args.remat, with_tokenizer=False)
+                       compute_dtype=args.compute_dtype, remat=args.remat, with_tokenizer=False,
+                       attention=args.attention)
     cfg, mesh = model.config, model.mesh
     tokens, mask = jnp.asarray(tokens), jnp.asarray(mask)
 
@@ -101,6 +102,7 @@ def main():
     p.add_argument("--chunk", type=int, default=128)
     p.add_argument("--remat", default="full")
     p.add_argument("--compute-dtype", default="float32")
+    p.add_argument("--attention", default="auto", help="jaxcov's model.attention")
     p.add_argument("--skip-torch", action="store_true")
     args = p.parse_args()
     rng = np.random.RandomState(0)
@@ -113,11 +115,12 @@ def main():
     order = [(side, k) for k in jax_calls for side in ("jaxcov", "torch") if (side, k) in calls]
     best = _best_times({key: calls[key] for key in order}, args.repeats)
     print(f"SmolLM2-135M {args.batch}x{args.seq}, compute {args.compute_dtype}, remat {args.remat}, "
-          f"best of {args.repeats} interleaved")
+          f"attention {args.attention}, best of {args.repeats} interleaved")
     print(f"{'':18}{'jaxcov s':>10}{'torch s':>10}{'torch/jaxcov':>14}")
     for k in jax_calls:
         ours, theirs = best[("jaxcov", k)], best.get(("torch", k), float("nan"))
-        print(f"{k:18}{ours:10.3f}{theirs:10.3f}{theirs / ours:14.2f}")
+        print(f"{k:18}{ours:10.3f}{theirs:10.3f}{theirs / ours:14.2f}"
+              f"   jaxcov {1e3 * ours / tokens.size:.2f} ms/token")
     print(f"compile: forward {compile_fwd:.1f} s, forward+backward {compile_bwd:.1f} s")
     print(machine_line())
 

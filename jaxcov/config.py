@@ -41,6 +41,10 @@ class ModelConfig:
       param_dtype: dtype the parameters are stored and updated in.
       compute_dtype: dtype of matmuls and activations (softmax, norms and log-probs stay fp32).
       remat: rematerialisation policy of each layer: none | full | dots | dots_no_batch.
+      attention: the attention implementation (`jaxcov.models.attention`): auto (splash on
+        TPU, cuDNN on GPU in bf16, chunked otherwise) | dense | chunked | splash | cudnn.
+      attention_block: query/key block of chunked attention (and the length up to which the
+        CPU path keeps the whole softmax).
       logits_chunk: sequence chunk for log-prob/entropy so full B x T x V logits never exist at once.
       max_seq_len: longest prompt + response the run may use.
     """
@@ -50,12 +54,18 @@ class ModelConfig:
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "full"
+    attention: Literal["auto", "dense", "chunked", "splash", "cudnn"] = "auto"
+    attention_block: int = 512
     logits_chunk: int = 128
     max_seq_len: int = 1024
 
     def __post_init__(self):
         _require(not self.name.startswith("random:") or bool(self.tokenizer), "tokenizer",
                  f"a random model ({self.name}) needs a tokenizer source")
+        _require(self.attention_block > 0 and self.attention_block % 8 == 0, "attention_block",
+                 f"must be a positive multiple of 8, got {self.attention_block}")
+        _require(self.attention != "cudnn" or self.compute_dtype == "bfloat16", "attention",
+                 "cudnn needs compute_dtype bfloat16 (cuDNN flash attention takes no fp32)")
         _require(self.logits_chunk > 0, "logits_chunk", f"must be > 0, got {self.logits_chunk}")
         _require(self.max_seq_len > 0, "max_seq_len", f"must be > 0, got {self.max_seq_len}")
 

@@ -608,6 +608,17 @@ def default_stop_ids(tokenizer, extra: Sequence[int] = ()) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
+def sampler_static(cfg: LlamaConfig, mesh: Optional[Mesh], config: SamplerConfig, n: int,
+                   stop_ids: Sequence[int], pad_id: int) -> _Static:
+    """The compile-time part of a sampler program."""
+    dtype = config.compute_dtype or cfg.compute_dtype
+    return _Static(cfg=cfg.replace(compute_dtype=dtype, remat="none"),
+                   options=SamplingOptions.from_config(config), n=n,
+                   width=bucket(config.max_new_tokens, config.min_bucket),
+                   stop_ids=tuple(sorted(set(int(i) for i in stop_ids))), pad_id=int(pad_id),
+                   mesh=mesh)
+
+
 def sample(params: Params, cfg: LlamaConfig, mesh: Optional[Mesh],
            prompts: Sequence[Sequence[int]], key: jax.Array,
            config: SamplerConfig = SamplerConfig(), n: int = 1,
@@ -630,12 +641,7 @@ def sample(params: Params, cfg: LlamaConfig, mesh: Optional[Mesh],
     rest = [p[prefix_len:] for p in prompts]
     rest_bp, rest_mask_bp = left_pad(rest, bucket(max(map(len, rest)), config.min_bucket),
                                      pad_id, batch)
-    dtype = config.compute_dtype or cfg.compute_dtype
-    static = _Static(cfg=cfg.replace(compute_dtype=dtype, remat="none"),
-                     options=SamplingOptions.from_config(config), n=n,
-                     width=bucket(config.max_new_tokens, config.min_bucket),
-                     stop_ids=tuple(sorted(set(int(i) for i in stop_ids))), pad_id=int(pad_id),
-                     mesh=mesh)
+    static = sampler_static(cfg, mesh, config, n, stop_ids, pad_id)
     generated = _sample_program(
         decode_params(params, static.cfg, mesh), jnp.asarray(prompts[0][:prefix_len], jnp.int32),
         _on_mesh(rest_bp, mesh), _on_mesh(rest_mask_bp, mesh),

@@ -135,7 +135,8 @@ def build_context(config: ExperimentConfig) -> RunContext:
     check_batch_shapes(config, mesh)
     m = config.model
     model = load_model(m.name, mesh=mesh, dtype=m.param_dtype, compute_dtype=m.compute_dtype,
-                       remat=m.remat, tokenizer=m.tokenizer, seed=config.seed)
+                       remat=m.remat, tokenizer=m.tokenizer, seed=config.seed,
+                       attention=m.attention, attention_block=m.attention_block)
     train_set, eval_set = load_datasets(config.data, model.tokenizer)
     t = config.train
     updates_per_step = t.ppo_epochs * (t.prompts_per_step // t.mini_batch_prompts)

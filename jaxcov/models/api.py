@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from jaxcov.config import MeshConfig
+from jaxcov.models import attention as attn_lib
 from jaxcov.models import llama
 from jaxcov.models.llama import LlamaConfig, Params, is_spec, param_specs
 from jaxcov.models.loading import load_checkpoint
@@ -89,10 +90,22 @@ class Model:
 RANDOM_PREFIX = "random:"
 
 
+def run_options_for(mesh: Optional[Mesh], compute_dtype: str, remat: str, attention: str,
+                    attention_block: int, platform: Optional[str] = None) -> dict:
+    """The run options of `LlamaConfig` with the attention implementation resolved for the
+    platform (default: the mesh's devices, else jax's default backend)."""
+    if platform is None:
+        backend = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+        platform = attn_lib.platform_of(backend)
+    return dict(compute_dtype=compute_dtype, remat=remat, attention_block=attention_block,
+                attention=attn_lib.resolve(attention, platform, compute_dtype), platform=platform)
+
+
 def load_model(source: str = "smollm2-135m-instruct", mesh: Optional[Mesh] = None,
                dtype: str = "float32", compute_dtype: Optional[str] = None,
                remat: str = "full", with_tokenizer: bool = True, tokenizer: str = "",
-               seed: int = 0) -> Model:
+               seed: int = 0, attention: str = "auto", attention_block: int = 512,
+               platform: Optional[str] = None) -> Model:
     """Loads a registered name, HF directory or GGUF file into sharded parameters.
 
     Args:
@@ -104,9 +117,13 @@ def load_model(source: str = "smollm2-135m-instruct", mesh: Optional[Mesh] = Non
       remat: rematerialisation policy of each layer (none | full | dots | dots_no_batch).
       tokenizer: where the tokenizer comes from when not from `source` (required for random:).
       seed: initialisation seed of a random model.
+      attention: `jaxcov.models.attention` implementation, or auto (by platform);
+        attention_block: chunked attention's block.
+      platform: what the programs are built for (default: the mesh's devices).
     """
     mesh = mesh if mesh is not None else make_mesh(MeshConfig())
-    run_options = dict(compute_dtype=compute_dtype or dtype, remat=remat)
+    run_options = run_options_for(mesh, compute_dtype or dtype, remat, attention,
+                                  attention_block, platform)
     tok = load_tokenizer(tokenizer or source) if with_tokenizer or source.startswith(
         RANDOM_PREFIX) else None
     if source.startswith(RANDOM_PREFIX):

@@ -333,11 +333,10 @@ def _splash_block(length: int) -> int:
     return next(b for b in (512, 256, 128) if length % b == 0)
 
 
-@functools.cache
 def _splash_kernel(T: int, S: int, G: int, q_offset: int, window: Optional[int],
                    interpret: bool):
-    """A single-device splash MQA kernel over G query heads (built once per shape: the mask
-    is preprocessed on the host)."""
+    """A single-device splash MQA kernel over G query heads. Built afresh in every trace (its
+    mask tables are arrays of the trace that made them; a cached kernel leaks tracers)."""
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
     if window is None:
@@ -371,10 +370,11 @@ def splash(q_bthe, k_bske, v_bske, valid_bs, spec: Spec):
     return from_heads(out)[:, :T]
 
 
-def cudnn(q_bthe, k_bske, v_bske, valid_bs, spec: Spec):
+def cudnn(q_bthe, k_bske, v_bske, valid_bs, spec: Spec, implementation: str = "cudnn"):
     """cuDNN flash attention. cuDNN masks padding by lengths at the end of a row, so each row's
     real tokens (contiguous: [left padding | prompt | response | right padding]) are rotated
-    to the front, attended causally, and rotated back."""
+    to the front, attended causally, and rotated back. (`implementation="xla"` runs the same
+    call through XLA, which is how CPU tests check the layout.)"""
     if spec.q_offset:
         raise ValueError("cudnn attention takes no query offset (the sampler shares no prefix)")
     T, E = q_bthe.shape[1], q_bthe.shape[3]
@@ -386,7 +386,7 @@ def cudnn(q_bthe, k_bske, v_bske, valid_bs, spec: Spec):
     window = None if spec.window is None else (spec.window - 1, 0)
     out = jax.nn.dot_product_attention(q, k, v, scale=1 / math.sqrt(E), is_causal=True,
                                        query_seq_lengths=lengths, key_value_seq_lengths=lengths,
-                                       local_window_size=window, implementation="cudnn")
+                                       local_window_size=window, implementation=implementation)
     return rotate(out, -first)
 
 
