@@ -176,6 +176,24 @@ def plan_command(args) -> int:
     return run(args)
 
 
+# ------------------------------------------------------------------------------------- lower
+
+
+def _lower_args(p):
+    _config_args(p)
+    p.add_argument("--platform", required=True, choices=["tpu", "cuda"],
+                   help="the accelerator to lower for (the host need not have it)")
+    p.add_argument("--out", default="", help="directory for each program's StableHLO text")
+
+
+@command("lower", _lower_args)
+def lower_command(args) -> int:
+    """Lowers the run's score, update and sampler programs for TPU or GPU (jax.export)."""
+    from jaxcov.lowering import lower_command as run
+
+    return run(args)
+
+
 # ------------------------------------------------------------------------------------- main
 
 

@@ -114,3 +114,28 @@ def _export_sampler(config, cfg, mesh, params, rows, platform):
     return _exported(jax.jit(program, keep_unused=True), platform, weights,
                      jax.ShapeDtypeStruct((prefix,), jnp.int32), prompt, prompt,
                      _rows(mesh, (rows,), bool), KEY_DATA, jax.ShapeDtypeStruct((), jnp.int32))
+
+
+def lower_command(args) -> int:
+    """`jaxcov lower CONFIG --platform P`: one line per program (its kernel, its size), and
+    the StableHLO text of each under `--out`."""
+    import os
+
+    from jaxcov.config import load_config
+    from jaxcov.sharding import make_mesh
+
+    config = load_config(args.config, args.overrides)
+    cfg = target_architecture(config, args.platform)
+    mesh = make_mesh(config.mesh)
+    print(f"{args.platform}: attention {cfg.attention}, {mesh.size} device(s) "
+          f"{dict(mesh.shape)}")
+    for name, program in lower_programs(config, args.platform, mesh).items():
+        text = program.mlir_module()
+        kernel = {"splash": "tpu_custom_call", "cudnn": "__cudnn$fmha"}.get(cfg.attention)
+        found = "" if kernel is None else f", kernel call {kernel}: {kernel in text}"
+        print(f"  {name}: lowered, {len(text) / 1e6:.1f} MB of StableHLO{found}")
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, f"{name}.{args.platform}.mlir"), "w") as f:
+                f.write(text)
+    return 0

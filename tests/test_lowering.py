@@ -41,3 +41,23 @@ def test_fp32_gpu_programs_lower_with_chunked_attention(config):
     assert target_architecture(fp32, "cuda").attention == "chunked"
     exported = lower_programs(fp32, "cuda", make_mesh(fp32.mesh), programs=("update",))
     assert "__cudnn$fmha" not in exported["update"].mlir_module()
+
+
+def test_lower_command_writes_each_program(tmp_path, capsys):
+    from jaxcov.cli import main
+
+    assert main(["lower", "configs/default.yaml", *OVERRIDES, "--platform", "tpu",
+                 "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "tpu: attention splash" in out
+    assert out.count("kernel call tpu_custom_call: True") == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "sample.tpu.mlir", "score.tpu.mlir", "update.tpu.mlir"]
+
+
+def test_cudnn_in_fp32_is_a_config_error():
+    from jaxcov.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.attention: cudnn needs compute_dtype bfloat16"):
+        load_config("configs/default.yaml", ["model.attention=cudnn",
+                                             "model.compute_dtype=float32"])

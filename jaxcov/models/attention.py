@@ -148,15 +148,17 @@ def _key_block_range(i, num_key_blocks: int, spec: Spec, bq: int, bk: int):
     return jnp.maximum(0, first_query - spec.window + 1) // bk, last
 
 
-def _block_scores(q_bkgqe, k_bkse, valid_bs, i, j, spec: Spec):
-    """Scaled fp32 scores of query block i against key block j, masked, and the mask."""
-    bq, bk = q_bkgqe.shape[3], spec.block
-    k = jax.lax.dynamic_slice_in_dim(k_bkse, j * bk, bk, axis=2)
-    valid = jax.lax.dynamic_slice_in_dim(valid_bs, j * bk, bk, axis=1)
-    mask = visible(valid, spec.q_offset + i * bq + jnp.arange(bq), j * bk + jnp.arange(bk),
-                   spec.window)[:, None, None]
-    scores = jnp.einsum("bkgqe,bkce->bkgqc", q_bkgqe, k, preferred_element_type=jnp.float32)
-    return jnp.where(mask, scores / math.sqrt(q_bkgqe.shape[-1]), MASKED), mask
+def _block_scores(q_bkme, k_bkse, valid_bs, i, j, spec: Spec):
+    """Scaled fp32 scores [B, K, M, C] of query block i (its G heads stacked along M = G*Q
+    rows, so every block matmul is a plain batched product) against key block j, masked; and
+    the mask [B, 1, M, C]."""
+    block = spec.block
+    k = jax.lax.dynamic_slice_in_dim(k_bkse, j * block, block, axis=2)
+    valid = jax.lax.dynamic_slice_in_dim(valid_bs, j * block, block, axis=1)
+    query_slots = spec.q_offset + i * block + jnp.arange(q_bkme.shape[2]) % block
+    mask = visible(valid, query_slots, j * block + jnp.arange(block), spec.window)[:, None]
+    scores = jnp.einsum("bkme,bkce->bkmc", q_bkme, k, preferred_element_type=jnp.float32)
+    return jnp.where(mask, scores / math.sqrt(q_bkme.shape[-1]), MASKED), mask
 
 
 def _padded(q, k, v, valid_bs, block: int):
@@ -164,6 +166,20 @@ def _padded(q, k, v, valid_bs, block: int):
     Tp, Sp = -(-T // block) * block, -(-S // block) * block
     return (_pad_axis(q, 3, Tp), _pad_axis(k, 2, Sp), _pad_axis(v, 2, Sp),
             _pad_axis(valid_bs, 1, Sp, False))
+
+
+def _query_block(x_bkgt_, i, block: int):
+    """Query block i of a [B, K, G, T, ...] array, its heads stacked: [B, K, G*Q, ...]."""
+    x = jax.lax.dynamic_slice_in_dim(x_bkgt_, i * block, block, axis=3)
+    return x.reshape(x.shape[:2] + (-1,) + x.shape[4:])
+
+
+def _unblocked(blocks_n, shape):
+    """Stacked query blocks [n, B, K, G*Q, ...] -> [B, K, G, n*Q, ...]."""
+    n, B, K = blocks_n.shape[:3]
+    G = shape[2]
+    x = blocks_n.reshape((n, B, K, G, -1) + blocks_n.shape[4:])
+    return jnp.moveaxis(x, 0, 3).reshape(shape)
 
 
 def chunked_forward(q_bkgte, k_bkse, v_bkse, valid_bs, spec: Spec):
@@ -174,7 +190,7 @@ def chunked_forward(q_bkgte, k_bkse, v_bkse, valid_bs, spec: Spec):
     num_key_blocks = k.shape[2] // bq
 
     def query_block(_, i):
-        q_i = jax.lax.dynamic_slice_in_dim(q, i * bq, bq, axis=3)
+        q_i = _query_block(q, i, bq)
 
         def key_block(j, carry):
             m, l, acc = carry
@@ -183,7 +199,7 @@ def chunked_forward(q_bkgte, k_bkse, v_bkse, valid_bs, spec: Spec):
             p = jnp.exp(scores - m_new[..., None])
             rescale = jnp.exp(m - m_new)
             v_j = jax.lax.dynamic_slice_in_dim(v, j * bq, bq, axis=2)
-            pv = jnp.einsum("bkgqc,bkce->bkgqe", p.astype(v.dtype), v_j,
+            pv = jnp.einsum("bkmc,bkce->bkme", p.astype(v.dtype), v_j,
                             preferred_element_type=jnp.float32)
             return m_new, l * rescale + p.sum(axis=-1), acc * rescale[..., None] + pv
 
@@ -195,8 +211,8 @@ def chunked_forward(q_bkgte, k_bkse, v_bkse, valid_bs, spec: Spec):
         return None, ((acc / l[..., None]).astype(q.dtype), m + jnp.log(l))
 
     _, (out, lse) = jax.lax.scan(query_block, None, jnp.arange(q.shape[3] // bq))
-    out = jnp.moveaxis(out, 0, 3).reshape(q.shape)[:, :, :, :T]  # [n, B, K, G, Q, E] -> [B..]
-    return out, jnp.moveaxis(lse, 0, 3).reshape(q.shape[:-1])[..., :T]
+    return (_unblocked(out, q.shape)[:, :, :, :T],
+            _unblocked(lse, q.shape[:-1])[..., :T])
 
 
 def chunked_backward(q_bkgte, k_bkse, v_bkse, valid_bs, out_bkgte, lse_bkgt, d_out_bkgte,
@@ -210,22 +226,21 @@ def chunked_backward(q_bkgte, k_bkse, v_bkse, valid_bs, out_bkgte, lse_bkgt, d_o
     delta = _pad_axis(jnp.sum(d_out_bkgte.astype(jnp.float32) * out_bkgte.astype(jnp.float32),
                               axis=-1), 3, q.shape[3])
     num_key_blocks = k.shape[2] // bq
-    block = lambda x, i: jax.lax.dynamic_slice_in_dim(x, i * bq, bq, axis=3)  # noqa: E731
 
     def query_block(d_kv, i):
-        q_i, d_out_i, lse_i, delta_i = (block(x, i) for x in (q, d_out, lse, delta))
+        q_i, d_out_i, lse_i, delta_i = (_query_block(x, i, bq) for x in (q, d_out, lse, delta))
 
         def key_block(j, carry):
             d_q, (d_k, d_v) = carry
             scores, mask = _block_scores(q_i, k, valid, i, j, spec)
             p = jnp.where(mask, jnp.exp(scores - lse_i[..., None]), 0.0)
             k_j, v_j = (jax.lax.dynamic_slice_in_dim(x, j * bq, bq, axis=2) for x in (k, v))
-            d_p = jnp.einsum("bkgqe,bkce->bkgqc", d_out_i, v_j, preferred_element_type=jnp.float32)
+            d_p = jnp.einsum("bkme,bkce->bkmc", d_out_i, v_j, preferred_element_type=jnp.float32)
             d_s = (p * (d_p - delta_i[..., None]) / math.sqrt(q.shape[-1])).astype(q.dtype)
-            d_q = d_q + jnp.einsum("bkgqc,bkce->bkgqe", d_s, k_j,
+            d_q = d_q + jnp.einsum("bkmc,bkce->bkme", d_s, k_j,
                                    preferred_element_type=jnp.float32)
-            d_k_j = jnp.einsum("bkgqc,bkgqe->bkce", d_s, q_i, preferred_element_type=jnp.float32)
-            d_v_j = jnp.einsum("bkgqc,bkgqe->bkce", p.astype(q.dtype), d_out_i,
+            d_k_j = jnp.einsum("bkmc,bkme->bkce", d_s, q_i, preferred_element_type=jnp.float32)
+            d_v_j = jnp.einsum("bkmc,bkme->bkce", p.astype(q.dtype), d_out_i,
                                preferred_element_type=jnp.float32)
             add = lambda acc, x: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
                 acc, jax.lax.dynamic_slice_in_dim(acc, j * bq, bq, axis=2) + x, j * bq, axis=2)
@@ -237,8 +252,7 @@ def chunked_backward(q_bkgte, k_bkse, v_bkse, valid_bs, out_bkgte, lse_bkgt, d_o
 
     zeros = jnp.zeros(k.shape, jnp.float32)
     (d_k, d_v), d_q = jax.lax.scan(query_block, (zeros, zeros), jnp.arange(q.shape[3] // bq))
-    d_q = jnp.moveaxis(d_q, 0, 3).reshape(q.shape)[:, :, :, :T]
-    return d_q, d_k[:, :, :S], d_v[:, :, :S]
+    return _unblocked(d_q, q.shape)[:, :, :, :T], d_k[:, :, :S], d_v[:, :, :S]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
