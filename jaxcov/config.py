@@ -341,11 +341,16 @@ class SamplerConfig:
       compute_dtype: dtype of the sampling forward; null means the model's compute dtype.
         bfloat16 is faster; its log-probs then differ slightly from an fp32 policy's.
       min_bucket: smallest prompt-length and response-length bucket; lengths are rounded up to
-        min_bucket x (1, 1.5, 2, 3, 4, 6, ...), so a run compiles a few programs, not one per
-        batch (and the prompt count to a power of two).
+        min_bucket x (1, 2, 4, 8, ...), capped at max_prompt_len for prompts, so a run compiles
+        each program a few times, not once per batch (and the prompt count to a power of two).
       share_prompt_prefix: run the leading tokens all prompts of a batch share (the chat
-        template's system prompt, say; cut to a multiple of 8) once, not once per prompt.
+        template's system prompt, say; cut down to 8 x (1, 1.5, 2, 3, ...)) once, not once per
+        prompt.
         Results are the same either way; off for sliding-window models.
+      pad_prompts: "dataset": training and eval pad every prompt to the bucket of the longest
+        prompt in their datasets, so the sampler, scoring and update programs are built once
+        (more padding in batches of short prompts); "batch": to the bucket of the batch's
+        longest prompt (less padding, a program for each width the first time it turns up).
     """
 
     max_new_tokens: int = 512
@@ -358,6 +363,7 @@ class SamplerConfig:
     compute_dtype: Optional[Literal["float32", "bfloat16"]] = None
     min_bucket: int = 16
     share_prompt_prefix: bool = True
+    pad_prompts: Literal["dataset", "batch"] = "dataset"
 
     def __post_init__(self):
         for key in ("max_new_tokens", "max_prompt_len", "min_bucket"):

@@ -26,10 +26,11 @@ def correctness_only(config: ExperimentConfig):
                                format_weight=0.0, overlong=OverlongConfig(), custom_fn="")
 
 
-def _correct(model, params, examples, key, sampler_config, n, reward_config) -> np.ndarray:
+def _correct(model, params, examples, key, sampler_config, n, reward_config,
+             prompt_width=None) -> np.ndarray:
     """[len(examples), n] bool: which samples of each example were correct."""
     rollout = generate(model, [e["prompt_ids"] for e in examples], key, sampler_config, n=n,
-                       params=params)
+                       params=params, prompt_width=prompt_width)
     ids, mask = to_host(rollout.response_ids), to_host(rollout.response_mask)
     texts = model.tokenizer.batch_decode([r[m] for r, m in zip(ids, mask)],
                                          skip_special_tokens=True)
@@ -40,8 +41,10 @@ def _correct(model, params, examples, key, sampler_config, n, reward_config) -> 
 
 def evaluate(model, params, dataset: PromptDataset, config: ExperimentConfig, key: jax.Array,
              k: int = 4, temperature: float = 1.0, max_examples: int = 0,
-             batch_prompts: Optional[int] = None) -> dict[str, float]:
-    """Greedy accuracy and avg@k / pass@k on (the first `max_examples` of) `dataset`."""
+             batch_prompts: Optional[int] = None,
+             prompt_width: Optional[int] = None) -> dict[str, float]:
+    """Greedy accuracy and avg@k / pass@k on (the first `max_examples` of) `dataset`, prompts
+    padded to `prompt_width` when given (`sampler.sample`)."""
     examples = dataset.examples[:max_examples] if max_examples else dataset.examples
     subset = PromptDataset(dataset.name, examples, dataset.stats)
     batch_prompts = batch_prompts or config.train.prompts_per_step
@@ -51,8 +54,10 @@ def evaluate(model, params, dataset: PromptDataset, config: ExperimentConfig, ke
     greedy, sampled = [], []
     for i, chunk in enumerate(eval_batches(subset, batch_prompts)):
         chunk_key = jax.random.fold_in(key, i)
-        greedy.append(_correct(model, params, chunk, chunk_key, greedy_cfg, 1, reward_config))
-        sampled.append(_correct(model, params, chunk, chunk_key, sampled_cfg, k, reward_config))
+        greedy.append(_correct(model, params, chunk, chunk_key, greedy_cfg, 1, reward_config,
+                               prompt_width))
+        sampled.append(_correct(model, params, chunk, chunk_key, sampled_cfg, k, reward_config,
+                                prompt_width))
     greedy, sampled = np.concatenate(greedy), np.concatenate(sampled)
     return {"eval/greedy_acc": float(greedy.mean()), f"eval/avg@{k}": float(sampled.mean()),
             f"eval/pass@{k}": float(sampled.any(axis=1).mean()), "eval/examples": len(examples)}

@@ -41,6 +41,7 @@ import numpy as np
 from flax import struct
 from jax.sharding import Mesh
 
+from jaxcov import compiles
 from jaxcov.config import ConfigError, SamplerConfig
 from jaxcov.distributed import to_global, to_host
 from jaxcov.models import attention as attention_lib
@@ -48,13 +49,9 @@ from jaxcov.models import llama
 from jaxcov.models.llama import LlamaConfig, Params
 from jaxcov.sharding import batch_size_multiple, constrain, named_sharding
 
-# Incremented in the body of the traced function, which Python runs once per compilation.
-_COMPILATIONS = 0
-
-
 def compile_count() -> int:
     """How many sampler programs this process has compiled (a metric: should stay small)."""
-    return _COMPILATIONS
+    return compiles.count("sampler")
 
 
 # --------------------------------------------------------------------------- sampling controls
@@ -507,8 +504,8 @@ class Generated:
 @functools.partial(jax.jit, static_argnames=("static",))
 def _sample_program(params_and_layers, prefix_c, prompt_bp, mask_bp, real_b, key, max_new_tokens,
                     static: _Static) -> Generated:
-    global _COMPILATIONS
-    _COMPILATIONS += 1
+    compiles.record("sampler", f"prefix {prefix_c.shape[0]}, prompts {list(prompt_bp.shape)}, "
+                               f"n {static.n}")
     cfg, mesh, n = static.cfg, static.mesh, static.n
     params, layers = params_and_layers
     logits_bv, cache = prefill(params, layers, cfg, prefix_c, prompt_bp, mask_bp, static.width,
@@ -532,14 +529,15 @@ def _sample_program(params_and_layers, prefix_c, prompt_bp, mask_bp, real_b, key
 
 
 def bucket(length: int, minimum: int, maximum: Optional[int] = None) -> int:
-    """The smallest of minimum x (1, 1.5, 2, 3, 4, 6, 8, ...) that holds `length`, capped at
-    `maximum`: at most 50% padding, two programs per doubling of the length."""
-    scale = 0
-    while True:
-        for size in (minimum << scale, (3 * minimum << scale) // 2):
-            if size >= length:
-                return min(size, maximum) if maximum is not None else size
-        scale += 1
+    """The smallest of minimum x (1, 2, 4, 8, ...) that holds `length`, capped at `maximum`.
+
+    Powers of two, not a finer ladder: a prompt width compiles the sampler, scoring and update
+    programs anew, so a run over prompts of 16..512 tokens compiles each at most 6 times, at the
+    price of at most half the prompt slots being padding."""
+    size = minimum
+    while size < length:
+        size *= 2
+    return min(size, maximum) if maximum is not None else size
 
 
 def batch_bucket(prompts: int, n: int, mesh: Optional[Mesh]) -> int:
@@ -581,8 +579,18 @@ def left_pad(prompts: Sequence[Sequence[int]], width: int, pad_id: int,
     return ids, mask
 
 
-# The shared prefix is cut to a multiple of this, so a run sees few distinct prefix lengths.
+# The shared prefix is cut down to PREFIX_MULTIPLE x (1, 1.5, 2, 3, 4, 6, ...): its length is
+# a program shape, and a batch's prompts share by chance a few tokens more or less.
 PREFIX_MULTIPLE = 8
+
+
+def prefix_bucket(length: int, minimum: int = PREFIX_MULTIPLE) -> int:
+    """The largest of minimum x (1, 1.5, 2, 3, 4, 6, ...) that is <= `length` (0 below it)."""
+    best, scale = 0, 0
+    while minimum << scale <= length:
+        best = max(s for s in (minimum << scale, 3 * minimum << scale >> 1) if s <= length)
+        scale += 1
+    return best
 
 
 def shared_prefix_len(prompts: Sequence[Sequence[int]], granularity: int) -> int:
@@ -622,24 +630,26 @@ def sampler_static(cfg: LlamaConfig, mesh: Optional[Mesh], config: SamplerConfig
 def sample(params: Params, cfg: LlamaConfig, mesh: Optional[Mesh],
            prompts: Sequence[Sequence[int]], key: jax.Array,
            config: SamplerConfig = SamplerConfig(), n: int = 1,
-           stop_ids: Sequence[int] = (), pad_id: int = 0) -> Rollout:
+           stop_ids: Sequence[int] = (), pad_id: int = 0,
+           prompt_width: Optional[int] = None) -> Rollout:
     """Samples n responses per prompt (token ids); see the module docstring.
 
-    The returned arrays have one row per (prompt, sample) in prompt-major order, P = the prompt
-    length bucket, and N = config.max_new_tokens columns. Without `stop_ids` every row runs to
-    the length limit (benchmarks).
+    The returned arrays have one row per (prompt, sample) in prompt-major order, P =
+    `prompt_width` (default: the bucket of the longest prompt), and N = config.max_new_tokens
+    columns. Without `stop_ids` every row runs to the length limit (benchmarks).
     """
     if n < 1:
         raise ValueError(f"generate: n must be >= 1, got {n}")
     prompts = check_prompts(prompts, config)
+    width = padded_prompt_width(prompts, config, prompt_width)
     batch = batch_bucket(len(prompts), n, mesh)
     # A shared prefix changes slot distances, which sliding windows compare: not for those.
     # cuDNN's kernel masks by lengths only, so it cannot attend past a prefix either.
     share = (config.share_prompt_prefix and cfg.sliding_window is None
              and cfg.attention != "cudnn")
-    prefix_len = shared_prefix_len(prompts, PREFIX_MULTIPLE) if share else 0
-    rest = [p[prefix_len:] for p in prompts]
-    rest_bp, rest_mask_bp = left_pad(rest, bucket(max(map(len, rest)), config.min_bucket),
+    prefix_len = prefix_bucket(shared_prefix_len(prompts, 1)) if share else 0
+    # The prefix and the rest fill exactly `width` cache slots, as the whole prompts would.
+    rest_bp, rest_mask_bp = left_pad([p[prefix_len:] for p in prompts], width - prefix_len,
                                      pad_id, batch)
     static = sampler_static(cfg, mesh, config, n, stop_ids, pad_id)
     generated = _sample_program(
@@ -647,14 +657,26 @@ def sample(params: Params, cfg: LlamaConfig, mesh: Optional[Mesh],
         _on_mesh(rest_bp, mesh), _on_mesh(rest_mask_bp, mesh),
         _on_mesh(np.arange(batch) < len(prompts), mesh), key, jnp.int32(config.max_new_tokens),
         static)
-    return _rollout(generated, prompts, config, n, pad_id, batch, mesh)
+    return _rollout(generated, prompts, width, config, n, pad_id, batch, mesh)
 
 
-def _rollout(generated: Generated, prompts: list[list[int]], config: SamplerConfig, n: int,
-             pad_id: int, batch: int, mesh: Optional[Mesh]) -> Rollout:
-    """The program's responses next to the whole prompts (left-padded, each repeated n times),
-    without the rows and columns that only fill a bucket."""
-    width = bucket(max(map(len, prompts)), config.min_bucket, config.max_prompt_len)
+def padded_prompt_width(prompts: Sequence[Sequence[int]], config: SamplerConfig,
+                        prompt_width: Optional[int] = None) -> int:
+    """The prompt columns of a batch: `prompt_width` when given (it must hold every prompt),
+    else the bucket of the longest prompt, capped at max_prompt_len."""
+    longest = max(map(len, prompts))
+    if prompt_width is None:
+        return bucket(longest, config.min_bucket, config.max_prompt_len)
+    if prompt_width < longest:
+        raise ValueError(f"generate: prompt_width={prompt_width} is shorter than the longest "
+                         f"prompt ({longest} tokens)")
+    return prompt_width
+
+
+def _rollout(generated: Generated, prompts: list[list[int]], width: int, config: SamplerConfig,
+             n: int, pad_id: int, batch: int, mesh: Optional[Mesh]) -> Rollout:
+    """The program's responses next to the whole prompts (left-padded to `width`, each
+    repeated n times), without the rows and columns that only fill a bucket."""
     ids_bp, mask_bp = left_pad(prompts, width, pad_id, batch)
     rollout = Rollout(prompt_ids=_on_mesh(np.repeat(ids_bp, n, axis=0), mesh),
                       prompt_mask=_on_mesh(np.repeat(mask_bp, n, axis=0), mesh),
@@ -684,16 +706,26 @@ def _trim(rollout: Rollout, rows: int, columns: int) -> Rollout:
 
 def generate(model, prompts: Sequence[Sequence[int]], key: jax.Array,
              config: SamplerConfig = SamplerConfig(), n: int = 1,
-             params: Optional[Params] = None) -> Rollout:
+             params: Optional[Params] = None, prompt_width: Optional[int] = None) -> Rollout:
     """`sample` for a `jaxcov.models.api.Model`: stop ids and padding from its tokenizer (EOS,
     end-of-turn tokens, `config.stop_token_ids`); `params` overrides the model's (e.g. the
-    policy being trained)."""
+    policy being trained); `prompt_width` as in `sample`."""
     tokenizer = model.tokenizer
     stop_ids = default_stop_ids(tokenizer, config.stop_token_ids)
     pad_id = tokenizer.pad_token_id if tokenizer is not None else None
     pad_id = stop_ids[0] if pad_id is None else pad_id
     return sample(model.params if params is None else params, model.config, model.mesh, prompts,
-                  key, config, n, stop_ids, pad_id)
+                  key, config, n, stop_ids, pad_id, prompt_width)
+
+
+def dataset_prompt_width(config: SamplerConfig, *datasets) -> Optional[int]:
+    """The prompt width for every batch drawn from `datasets` (lists of examples with
+    `prompt_ids`; None entries skipped) under `config.pad_prompts`: "dataset" gives the bucket
+    of their longest prompt, so no batch builds a new program; "batch" gives None."""
+    if config.pad_prompts == "batch":
+        return None
+    lengths = [len(e["prompt_ids"]) for d in datasets if d is not None for e in d]
+    return bucket(max(lengths), config.min_bucket, config.max_prompt_len) if lengths else None
 
 
 # ---------------------------------------------------------------------------------------- text

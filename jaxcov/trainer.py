@@ -37,6 +37,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxcov import advantages as advantages_lib
 from jaxcov import batch as batch_lib
+from jaxcov import compiles
 from jaxcov import distributed
 from jaxcov.checkpoint import Checkpointer
 from jaxcov.config import ConfigError, ExperimentConfig, load_config, to_dict
@@ -49,7 +50,7 @@ from jaxcov.models.api import Model, load_model
 from jaxcov.models.logprobs import token_logprobs
 from jaxcov.optim import make_optimizer
 from jaxcov.rewards import close_scorers
-from jaxcov.sampler import compile_count, generate
+from jaxcov.sampler import dataset_prompt_width, generate
 from jaxcov.sharding import batch_size_multiple, constrain, make_mesh, named_sharding
 from jaxcov.update import MiniBatch, merge_micro_batches, split_micro_batches, update_policy
 from jaxcov.xla_cpu import model_compile_options
@@ -94,6 +95,7 @@ class RunContext:
     eval_data: Any
     base_key: jax.Array
     ref_params: Any = None  # a frozen copy of the initial policy, only when a ref-KL term is on
+    prompt_width: Optional[int] = None  # every rollout's prompt columns (sampler.pad_prompts)
 
     @property
     def mesh(self):
@@ -117,7 +119,8 @@ def scoring_function(logprob_fn, micro_rows: int, mesh, compiler_options=None):
             return logprob_fn(params, tokens_bt, attention_mask_bt)
         micro = split_micro_batches((tokens_bt, attention_mask_bt), rows // micro_rows, mesh)
         return merge_micro_batches(jax.lax.map(lambda x: logprob_fn(params, *x), micro))
-    return jax.jit(score, compiler_options=compiler_options)
+    shape = lambda params, tokens_bt, mask_bt: f"tokens {list(tokens_bt.shape)}"  # noqa: E731
+    return jax.jit(compiles.counted("score", score, shape), compiler_options=compiler_options)
 
 
 def _guarded_update(params, opt_state, batch, key, lr, **static):
@@ -128,6 +131,10 @@ def _guarded_update(params, opt_state, batch, key, lr, **static):
     params = jax.tree.map(keep, new_params, params)
     opt_state = jax.tree.map(keep, new_opt_state, opt_state)
     return params, opt_state, {**metrics, "actor/nonfinite": 1.0 - finite.astype(jnp.float32)}
+
+
+def _update_shape(params, opt_state, batch, *args) -> str:
+    return f"tokens {list(batch.tokens_bt.shape)}"
 
 
 def build_context(config: ExperimentConfig) -> RunContext:
@@ -146,6 +153,7 @@ def build_context(config: ExperimentConfig) -> RunContext:
     update = functools.partial(_guarded_update, logprob_fn=logprob_fn,
                                optimizer=optimizer, algo=config.algo, micro_batch_size=micro,
                                mesh=mesh)
+    update = compiles.counted("update", update, _update_shape)
     options = model_compile_options(model.config.compute_dtype)
     return RunContext(
         config=config, model=model, optimizer=optimizer, schedule=schedule,
@@ -153,7 +161,8 @@ def build_context(config: ExperimentConfig) -> RunContext:
         score_fn=scoring_function(logprob_fn, micro, mesh, options),
         data=PromptIterator(train_set, t.prompts_per_step, config.data.seed, config.data.shuffle),
         eval_data=eval_set, base_key=jax.random.key(config.seed),
-        ref_params=jax.tree.map(jnp.copy, model.params) if config.algo.ref_kl_coef > 0 else None)
+        ref_params=jax.tree.map(jnp.copy, model.params) if config.algo.ref_kl_coef > 0 else None,
+        prompt_width=dataset_prompt_width(config.sampler, train_set, eval_set))
 
 
 # ------------------------------------------------------------------------------ train state
@@ -191,7 +200,7 @@ def sample_and_score(ctx: RunContext, params, examples: list, key) -> tuple[Any,
     n = ctx.config.algo.group_size
     start = time.perf_counter()
     rollout = generate(ctx.model, [e["prompt_ids"] for e in examples], key,
-                       ctx.config.sampler, n=n, params=params)
+                       ctx.config.sampler, n=n, params=params, prompt_width=ctx.prompt_width)
     rollout = distributed.tree_to_host(rollout)
     texts = _decode(ctx.model.tokenizer, rollout)
     sampled = time.perf_counter()
@@ -329,7 +338,7 @@ def rl_step(ctx: RunContext, state: dict) -> tuple[dict, dict]:
     metrics.update(update_metrics)
     metrics.update(_response_metrics(rollout))
     metrics.update({"entropy/before": before, "entropy/after": after,
-                    "entropy/measured_dH": after - before, "sampler/compiles": compile_count()})
+                    "entropy/measured_dH": after - before, **compiles.metrics()})
     times["time/step"] = time.perf_counter() - t0
     metrics.update(times)
     metrics["throughput/gen_tokens_per_s"] = float(rollout.response_lengths.sum()) / max(
@@ -392,7 +401,8 @@ def maybe_evaluate(ctx: RunContext, state: dict, step: int, final: bool) -> dict
     start = time.perf_counter()
     metrics = evaluate(ctx.model, state["params"], ctx.eval_data, ctx.config,
                        jax.random.fold_in(ctx.base_key, 10**6 + step), k=t.eval_samples,
-                       temperature=t.eval_temperature, max_examples=t.eval_examples)
+                       temperature=t.eval_temperature, max_examples=t.eval_examples,
+                       prompt_width=ctx.prompt_width)
     metrics["time/eval"] = time.perf_counter() - start
     return metrics
 
@@ -428,6 +438,22 @@ def _stop_requested(stop: StopSignal) -> bool:
     return distributed.any_process(stop.received is not None)
 
 
+# Steps (of this process) in which the training programs may compile: the first rollouts
+# meet the prompt buckets; a program compiled after them gets a warning.
+WARMUP_STEPS = 3
+
+
+def _watched_step(ctx: RunContext, state: dict, warm: bool, evaluated: bool):
+    """`rl_step` and the eval due after it, each warning about any program it compiles once
+    the run is warm (training: past WARMUP_STEPS; eval: an eval already ran in this process)."""
+    step = int(state["step"]) + 1
+    with compiles.warn_if_compiled(f"step {step}", late=warm):
+        state, metrics = rl_step(ctx, state)
+    with compiles.warn_if_compiled(f"the eval at step {step}", late=evaluated):
+        metrics.update(maybe_evaluate(ctx, state, step, final=step == ctx.config.train.steps))
+    return state, metrics
+
+
 def train_loop(ctx: RunContext, checkpointer: Checkpointer, stop: StopSignal) -> dict:
     t = ctx.config.train
     state, meta = restore_or_init(ctx, checkpointer)
@@ -435,12 +461,15 @@ def train_loop(ctx: RunContext, checkpointer: Checkpointer, stop: StopSignal) ->
     sink = _sink(ctx, step)
     bar = _progress(ctx, step)
     try:
+        start, evaluated = step, False
         if step == 0:
-            sink.write(0, maybe_evaluate(ctx, state, 0, final=False) or {})
+            metrics = maybe_evaluate(ctx, state, 0, final=False)
+            sink.write(0, metrics)
+            evaluated = bool(metrics)
         while step < t.steps and not _stop_requested(stop):
-            state, metrics = rl_step(ctx, state)
+            state, metrics = _watched_step(ctx, state, step - start >= WARMUP_STEPS, evaluated)
             step = int(state["step"])
-            metrics.update(maybe_evaluate(ctx, state, step, final=step == t.steps))
+            evaluated = evaluated or "time/eval" in metrics
             sink.write(step, metrics)
             _check_bad_steps(metrics, meta, t.max_bad_steps, step)
             if not metrics["actor/nonfinite"] and (
@@ -508,6 +537,7 @@ def train(config: ExperimentConfig) -> int:
 
 def train_command(args) -> int:
     config = load_config(args.config, args.overrides)
+    compiles.enable_persistent_cache()  # a resumed run loads its programs instead
     distributed.maybe_initialize()  # before anything touches a device
     return train(config)
 
@@ -517,6 +547,7 @@ def eval_command(args) -> int:
     config = load_config(args.config, args.overrides)
     if config.data.eval_size == 0 and not config.data.eval_source:
         raise ConfigError("eval needs a held-out split: set data.eval_size or data.eval_source")
+    compiles.enable_persistent_cache()
     distributed.maybe_initialize()  # before anything touches a device
     ctx = build_context(config)
     state = initial_state(ctx)
@@ -534,7 +565,8 @@ def eval_command(args) -> int:
     t = config.train
     metrics = evaluate(ctx.model, state["params"], ctx.eval_data, config,
                        jax.random.fold_in(ctx.base_key, 10**6), k=t.eval_samples,
-                       temperature=t.eval_temperature, max_examples=t.eval_examples)
+                       temperature=t.eval_temperature, max_examples=t.eval_examples,
+                       prompt_width=ctx.prompt_width)
     close_scorers()
     if distributed.is_main_process():
         for key, value in metrics.items():

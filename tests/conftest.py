@@ -12,6 +12,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), "jaxcov-test-xla-cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+# `jaxcov train` / `eval` subprocesses use the same one, never the user's ~/.cache/jaxcov/xla.
+os.environ.setdefault("JAXCOV_COMPILATION_CACHE", os.environ["JAX_COMPILATION_CACHE_DIR"])
 # Through the environment, so subprocesses compile identical programs (and hit the cache).
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 

@@ -185,10 +185,10 @@ def test_top_k_and_top_p_masks_on_ties_and_extremes():
 
 # ------------------------------------------------------------------ rows, groups and stopping
 
-def base_sample(prompts=PREFIXED, key=0, config=BASE, mesh=None):
+def base_sample(prompts=PREFIXED, key=0, config=BASE, mesh=None, prompt_width=None):
     cfg = tiny_config("llama")
     return sampler.sample(tiny_params(cfg, mesh), cfg, mesh, prompts, jax.random.key(key),
-                          config, 2, (1,), PAD)
+                          config, 2, (1,), PAD, prompt_width)
 
 
 def test_stop_tokens_mask_and_padding_when_eos_is_pad():
@@ -258,14 +258,42 @@ def test_bucketed_shapes_reuse_compiled_programs():
                 config=longest)
     assert sampler.compile_count() == before
     assert out.response_ids.shape == (6, 14) and out.prompt_ids.shape == (6, 32)
-    base_sample([SYSTEM + [9] * 20])  # a new bucket for the prompts' own part (24): +1
+    base_sample([SYSTEM + [9] * 20])  # a new prompt width (64): +1
     assert sampler.compile_count() == before + 1
 
 
+def test_a_fixed_prompt_width_changes_only_the_padding():
+    """`prompt_width` (sampler.pad_prompts: dataset) pads further left; the responses and
+    their log-probs are those of the batch's own bucket, and a width too small is refused."""
+    own, wide = base_sample(key=6), base_sample(key=6, prompt_width=40)
+    assert own.prompt_ids.shape[1] == 32 and wide.prompt_ids.shape[1] == 40
+    np.testing.assert_array_equal(wide.prompt_ids[:, 8:], own.prompt_ids)
+    assert not wide.prompt_mask[:, :8].any()
+    for name in ("response_ids", "response_mask", "stopped"):
+        np.testing.assert_array_equal(getattr(wide, name), getattr(own, name), name)
+    for name in ("sample_logprobs", "policy_logprobs"):
+        np.testing.assert_allclose(getattr(wide, name), getattr(own, name), atol=1e-5)
+    with pytest.raises(ValueError, match="prompt_width=20 is shorter than the longest prompt"):
+        base_sample(prompt_width=20)
+    train = [{"prompt_ids": [1] * 20}, {"prompt_ids": [1] * 70}]
+    assert sampler.dataset_prompt_width(BASE, train, None, [{"prompt_ids": [2] * 3}]) == 128
+    assert sampler.dataset_prompt_width(dataclasses.replace(BASE, max_prompt_len=100),
+                                        train) == 100
+    assert sampler.dataset_prompt_width(dataclasses.replace(BASE, pad_prompts="batch"),
+                                        train) is None
+
+
 def test_bucket_sizes():
-    assert [sampler.bucket(n, 16) for n in (1, 16, 17, 25, 33, 49, 65, 200)] == [
-        16, 16, 24, 32, 48, 64, 96, 256]
+    # Powers of two times the minimum: prompts of 20..400 tokens land in 5 widths, not 9.
+    assert [sampler.bucket(n, 16) for n in (1, 16, 17, 25, 33, 49, 65, 200, 257)] == [
+        16, 16, 32, 32, 64, 64, 128, 256, 512]
+    assert sorted({sampler.bucket(n, 16, maximum=400) for n in range(20, 401)}) == [
+        32, 64, 128, 256, 400]
     assert sampler.bucket(300, 16, maximum=256) == 256
+    # The shared prefix is cut down to 8 x (1, 1.5, 2, 3, ...): 27 and 31 shared tokens run the
+    # same program, and at most a third of the prefix runs once per prompt instead of once.
+    assert [sampler.prefix_bucket(n) for n in (0, 7, 8, 11, 12, 17, 27, 31, 32, 47, 100)] == [
+        0, 0, 8, 8, 12, 16, 24, 24, 32, 32, 96]
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
     assert [sampler.batch_bucket(b, 1, mesh) for b in (1, 3, 5, 9)] == [4, 4, 8, 16]
     assert sampler.batch_bucket(3, 2, mesh) == 4 and sampler.batch_bucket(1, 8, mesh) == 1

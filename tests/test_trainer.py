@@ -1,6 +1,8 @@
 """The training loop end to end on a tiny random model: every loss, resume after SIGKILL,
-SIGTERM, the NaN guard, and config errors caught before any compile."""
+SIGTERM, the NaN guard, no new programs after warm-up on prompts of varied length, and config
+errors caught before any compile."""
 
+import json
 import os
 import signal
 import subprocess
@@ -10,8 +12,11 @@ import time
 import numpy as np
 import pytest
 
+from jaxcov import compiles
 from jaxcov.config import ConfigError, load_config
+from jaxcov.data import load_datasets
 from jaxcov.metrics import read_metrics
+from jaxcov.models.registry import load_tokenizer
 from jaxcov.trainer import train
 from tests.tiny_run import write_tiny_config
 
@@ -47,6 +52,50 @@ def test_two_steps_of_each_loss_on_8_devices(tmp_path, loss):
     if loss == "kl_cov":
         assert last["kl_cov/penalized_frac"] > 0
     assert os.path.exists(tmp_path / "run" / "entropy.png")
+
+
+# Prompt lengths per step (chat template included) of the varied-length run: steps 1-3 meet
+# both prompt widths (16, 32); step 4 brings new lengths (22 would be width 24 on a 1.5x
+# ladder) and a longer shared prefix (the template's 8 tokens and 3 words, cut to 8).
+VARIED_LENGTHS = [(16, 15), (31, 20), (15, 16), (22, 17)]
+WORDS = "apple river stone cloud green house water light paper table music money world".split()
+
+
+def _varied_prompts(path) -> str:
+    """A verl-layout jsonl of prompts of VARIED_LENGTHS: 14 template tokens and one per word,
+    the first word different from the batch-mate's (the last step: the first 3 shared)."""
+    rows = []
+    for step, lengths in enumerate(VARIED_LENGTHS):
+        for i, length in enumerate(lengths):
+            shared = ["money", "music", "world"] if step == len(VARIED_LENGTHS) - 1 else []
+            words = (shared + [WORDS[(2 * step + i) % 10]] + WORDS * 2)[:length - 14]
+            rows.append({"prompt": [{"role": "user", "content": " ".join(words)}],
+                         "reward_model": {"ground_truth": "1"}, "data_source": "varied"})
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("pad_prompts", ["dataset", "batch"])
+def test_prompts_of_varied_length_compile_nothing_after_step_3(tmp_path, capsys, pad_prompts):
+    path = _config(tmp_path, data={"source": _varied_prompts(tmp_path / "varied.jsonl"),
+                                   "shuffle": False, "prompt_suffix": ""},
+                   train={"steps": len(VARIED_LENGTHS), "prompts_per_step": 2,
+                          "checkpoint_every": 0},
+                   sampler={"pad_prompts": pad_prompts})
+    config = load_config(path)
+    train_set, _ = load_datasets(config.data, load_tokenizer(config.model.tokenizer))
+    assert [len(e["prompt_ids"]) for e in train_set.examples] == [
+        n for lengths in VARIED_LENGTHS for n in lengths]
+    before = compiles.metrics()  # the counts are per process: other tests compile too
+    assert train(config) == 0
+    records = [r for r in read_metrics(str(tmp_path / "run" / "metrics.jsonl")) if r["step"]]
+    for name, already in before.items():
+        counts = [r[name] - already for r in records]
+        if pad_prompts == "dataset":  # every batch padded to the longest prompt's width
+            assert counts == [1] * len(VARIED_LENGTHS), (name, counts)
+        else:  # two prompt widths, both met by step 3
+            assert 0 < counts[2] == counts[-1] <= 2, (name, counts)
+    assert "compiled the" not in capsys.readouterr().err
 
 
 def _run(path, *overrides):

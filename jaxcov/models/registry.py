@@ -57,14 +57,17 @@ def resolve_model_source(source: str) -> tuple[str, str]:
     raise ConfigError(f"model not found: {source!r} (not a directory, .gguf file, or one of: {known})")
 
 
-def _cache_dir() -> str:
-    return os.environ.get("JAXCOV_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "jaxcov"))
+def cache_dir() -> str:
+    """jaxcov's cache directory (converted tokenizers, compiled programs): $JAXCOV_CACHE, else
+    jaxcov in $XDG_CACHE_HOME (~/.cache)."""
+    user_cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.environ.get("JAXCOV_CACHE") or os.path.join(user_cache, "jaxcov")
 
 
 def _gguf_tokenizer_cache(path: str) -> str:
     stat = os.stat(path)
     key = hashlib.sha1(f"{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    return os.path.join(_cache_dir(), "tokenizers", key.hexdigest()[:16])
+    return os.path.join(cache_dir(), "tokenizers", key.hexdigest()[:16])
 
 
 def load_tokenizer(source: str):
