@@ -20,10 +20,12 @@ which never overlap (each is its own jitted program):
            one micro-batch's gradient, the activations the remat policy saves for every layer,
            one layer's backward working set, and the chunked logits buffer.
 
-Activations are estimates from the model dimensions (the table in `layer_activations`); the
-attention here is not flash attention, so its [rows, heads, T, T] scores dominate long
-sequences. A plan fits when the peak is below USABLE_FRACTION of HBM: the rest is left for XLA
-temporaries, fusion buffers and fragmentation that an estimate cannot see.
+Activations are estimates from the model dimensions (the table in `layer_activations`). The
+attention is the one a run on the topology's platform resolves (`model.attention: auto` is
+splash on TPU, cuDNN on GPU in bf16, chunked otherwise; see `attention_arrays`): only dense
+attention keeps [rows, heads, T, S] scores, the others hold O(T) per layer. A plan fits when
+the peak is below USABLE_FRACTION of HBM: the rest is left for XLA temporaries, fusion buffers
+and fragmentation that an estimate cannot see.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from jax.sharding import AbstractMesh, NamedSharding
 
 from jaxcov.config import ConfigError, ExperimentConfig, MeshConfig, load_config
 from jaxcov.models import llama
-from jaxcov.models.api import abstract_params
+from jaxcov.models.api import abstract_params, run_options_for
 from jaxcov.models.llama import LlamaConfig
 from jaxcov.models.presets import REAL_CONFIGS, TINY_CONFIGS
 from jaxcov.optim import make_optimizer
@@ -59,11 +61,13 @@ USABLE_FRACTION = 0.9  # of HBM; the rest is headroom for what the estimate cann
 
 @dataclasses.dataclass(frozen=True)
 class Topology:
-    """A slice or machine: how many JAX devices and how much HBM each has."""
+    """A slice or machine: how many JAX devices, how much HBM each has, and the platform
+    (`attention.PLATFORMS`) whose attention kernel the run would use."""
 
     name: str
     devices: int
     hbm_gib: float
+    platform: str = "tpu"
 
 
 # TPU kind -> (HBM GiB per chip, how many of the name's number make one chip). v4-N and v5p-N
@@ -83,14 +87,17 @@ def parse_topology(name: str) -> Topology:
     if count < per_chip or count % per_chip:
         raise ConfigError(f"--topology: {name} must count a positive multiple of {per_chip} "
                           f"({'TensorCores, 2 per chip' if per_chip == 2 else 'chips'})")
-    return Topology(name=f"{kind}-{count}", devices=count // per_chip, hbm_gib=hbm_gib)
+    return Topology(name=f"{kind}-{count}", devices=count // per_chip, hbm_gib=hbm_gib,
+                    platform="tpu")
 
 
 def device_topology(devices: int, hbm_gib: float) -> Topology:
-    """N devices of G GiB each (GPUs: 8 x 80 for an 8xH100 node)."""
+    """N GPUs of G GiB each (8 x 80 for an 8xH100 node): `--devices` is for GPUs, so the
+    platform is cuda."""
     if devices < 1 or hbm_gib <= 0:
         raise ConfigError(f"--devices/--hbm-gib: need N >= 1 and G > 0, got {devices}, {hbm_gib}")
-    return Topology(name=f"{devices}x{hbm_gib:g}GiB", devices=devices, hbm_gib=hbm_gib)
+    return Topology(name=f"{devices}x{hbm_gib:g}GiB", devices=devices, hbm_gib=hbm_gib,
+                    platform="cuda")
 
 
 def scaled_topology(topology: Topology, factor: int) -> Topology:
@@ -111,15 +118,18 @@ def topology_flags(topology: Topology) -> str:
 # -------------------------------------------------------------------------------- architecture
 
 
-def model_architecture(config: ExperimentConfig) -> LlamaConfig:
+def model_architecture(config: ExperimentConfig, platform: Optional[str] = None) -> LlamaConfig:
     """The architecture of `model.name` without reading weights: an HF directory's
     config.json, a `random:` preset (its vocabulary, not the tokenizer's), or a
     `presets.REAL_CONFIGS` entry named like the last path component
-    (`checkpoints/Qwen2.5-7B` -> qwen2.5-7b; an `-instruct` suffix is ignored)."""
+    (`checkpoints/Qwen2.5-7B` -> qwen2.5-7b; an `-instruct` suffix is ignored). Its run
+    options are the ones a run on `platform` gets (default: jax's backend here), so
+    `cfg.attention` is the implementation that run would resolve."""
     from jaxcov.models.loading import config_from_hf
 
     m = config.model
-    run_options = dict(compute_dtype=m.compute_dtype, remat=m.remat)
+    run_options = run_options_for(None, m.compute_dtype, m.remat, m.attention,
+                                  m.attention_block, platform)
     if m.name.startswith("random:") and m.name[len("random:"):] in TINY_CONFIGS:
         return TINY_CONFIGS[m.name[len("random:"):]].replace(**run_options)
     hf_config = os.path.join(m.name, "config.json")
@@ -246,10 +256,41 @@ def array_item(phase: str, name: str, arrays: Sequence[Array], mesh, times: int 
     return Item(phase, name, per_device * times, total * times)
 
 
+# Splash's tiles are 512 x 512 at most (`attention._splash_block`); cuDNN's flash kernels tile
+# alike. Both keep their tiles on chip, so one fp32 tile per (row, head) in HBM is generous.
+KERNEL_BLOCK = 512
+
+
+def attention_arrays(cfg: LlamaConfig, rows: int, queries: int, keys: int) -> list[Array]:
+    """What `cfg.attention` holds for one layer besides q, k, v and its output.
+
+      dense          the whole fp32 scores [rows, H, T, S] and their softmax: O(T*S).
+      chunked        the same two for one block pair (attention_block each way), plus the
+                     fp32 log-sum-exp per query that its custom_vjp saves beside the output:
+                     O(T). A sequence of one block runs dense (`attention.attention`).
+      splash, cudnn  the kernel's fp32 tile of scores and the log-sum-exp it saves: O(T).
+
+    Block-sized arrays live inside the kernel or loop only (kind `attn_block`, which no remat
+    policy saves); the log-sum-exp is saved with the output (kind `attn_out`). Their gradients
+    (dQ accumulators included) are in the x2 that `update_items` gives one layer's backward."""
+    H, a, f32 = cfg.num_heads, cfg.dtype, jnp.float32
+    scores_axes = ("batch", "heads", "seq", "cache_seq")
+    block = cfg.attention_block if cfg.attention == "chunked" else KERNEL_BLOCK
+    if cfg.attention == "dense" or (cfg.attention == "chunked" and max(queries, keys) <= block):
+        return [Array("scores", (rows, H, queries, keys), scores_axes, f32),
+                Array("softmax", (rows, H, queries, keys), scores_axes, a)]
+    tile = (rows, H, min(block, queries), min(block, keys))
+    lse = Array("attn_out", (rows, H, queries), ("batch", "heads", "seq"), f32)
+    if cfg.attention == "chunked":
+        return [Array("attn_block", tile, scores_axes, f32),
+                Array("attn_block", tile, scores_axes, a), lse]
+    return [Array("attn_block", tile, scores_axes, f32), lse]
+
+
 def layer_activations(cfg: LlamaConfig, rows: int, queries: int, keys: int) -> list[Array]:
-    """The intermediates of one decoder layer (`llama._train_block`) for `rows` sequences of
+    """The intermediates of one decoder layer (`llama.layer_forward`) for `rows` sequences of
     `queries` tokens attending to `keys` slots. Projections are fp32 dot outputs cast to the
-    compute dtype; attention scores are fp32, their softmax is in the compute dtype."""
+    compute dtype; the attention's own arrays are `attention_arrays`."""
     D, F, H, K, E = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
                      cfg.head_dim)
     a, f32 = cfg.dtype, jnp.float32
@@ -260,8 +301,7 @@ def layer_activations(cfg: LlamaConfig, rows: int, queries: int, keys: int) -> l
         Array("proj", (rows, queries, K, E), bt + ("kv_heads", "head_dim"), f32, count=2),  # k, v
         Array("proj", (rows, queries, F), bt + ("mlp",), f32, count=2),  # gate, up
         Array("proj_out", (rows, queries, D), btd, f32, count=2),  # attention out-proj, mlp down
-        Array("scores", (rows, H, queries, keys), ("batch", "heads", "seq", "cache_seq"), f32),
-        Array("softmax", (rows, H, queries, keys), ("batch", "heads", "seq", "cache_seq"), a),
+        *attention_arrays(cfg, rows, queries, keys),
         Array("attn_out", (rows, queries, H, E), bt + ("heads", "head_dim"), a),
         Array("mid", (rows, queries, D), btd, a),  # after the attention residual
         Array("other", (rows, queries, D), btd, a, count=2),  # normed inputs
@@ -274,6 +314,7 @@ def layer_activations(cfg: LlamaConfig, rows: int, queries: int, keys: int) -> l
 # What each remat policy keeps of a layer for the backward pass: jax.checkpoint_policies
 # around `llama._train_block`, whose own residuals are the `none` row (matmul outputs,
 # softmax, attention output and the mid-layer residual; norms, rope and SwiGLU recomputed).
+# `scores` and `softmax` exist only where attention runs dense; `attn_block` is in no row.
 SAVED_BY_REMAT = {
     "full": {"residual"},  # nothing_saveable: only the scan carry
     "dots_no_batch": {"residual", "proj", "proj_out"},  # matmuls without batch dims
@@ -540,7 +581,7 @@ def plan_memory(config: ExperimentConfig, topology: Topology,
     shape = mesh_shape(config.mesh, topology.devices)
     mesh = abstract_mesh(shape)
     check_layout(config, mesh)
-    cfg = model_architecture(config)
+    cfg = model_architecture(config, topology.platform)
     shapes = run_shapes(config, mesh)
     items = (state_items(config, cfg, shape) + sampling_items(config, cfg, mesh, shapes)
              + score_items(config, cfg, mesh, shapes) + update_items(config, cfg, mesh, shapes))
@@ -618,7 +659,7 @@ def layout_overrides(config: ExperimentConfig, changed: ExperimentConfig,
 def fitting_layout(config: ExperimentConfig, topology: Topology,
                    usable_fraction: float) -> Optional[Suggestion]:
     """The first layout (in `_layouts` order) whose plan fits on `topology`."""
-    cfg = model_architecture(config)
+    cfg = model_architecture(config, topology.platform)
     for mesh, micro in _layouts(config, topology.devices, cfg):
         candidate = with_layout(config, mesh, micro)
         try:
@@ -665,12 +706,22 @@ def describe_run(plan: Plan) -> list[str]:
         f"model {cfg.family} {count / 1e9:.2f}B params (L={cfg.num_layers} D={cfg.hidden_size} "
         f"H={cfg.num_heads} K={cfg.num_kv_heads} F={cfg.intermediate_size} "
         f"V={cfg.vocab_size}); params {m.param_dtype}, compute {m.compute_dtype}, "
-        f"remat {m.remat}",
+        f"remat {m.remat}, attention {attention_name(plan)}",
         f"rollout {s.rollout_prompts * plan.config.algo.group_size} rows x {s.cache_slots} "
         f"cache slots; step batch "
         f"{s.step_rows} rows x {s.train_seq} tokens; mini-batch {s.mini_rows} rows; "
         f"micro-batch {s.micro_rows} rows ({s.micro_rows // (data * fsdp)} per device)",
     ]
+
+
+def attention_name(plan: Plan) -> str:
+    """`splash`, `chunked (block 512)`, ...; `(auto on tpu)` when the platform chose it."""
+    cfg = plan.arch
+    name = cfg.attention + (f" (block {cfg.attention_block})" if cfg.attention == "chunked"
+                            else "")
+    if plan.config.model.attention == "auto":
+        name += f" (auto on {plan.topology.platform})"
+    return name
 
 
 def format_table(plan: Plan) -> list[str]:

@@ -99,12 +99,12 @@ def _suggested_check(capsys, args):
 
 
 def test_cli_does_not_fit_suggests_a_micro_batch_that_fits(capsys):
-    # The whole 256-row mini-batch in one micro-batch: the update's backward is over budget.
-    short = ["sampler.max_new_tokens=4096", "data.max_prompt_len=512", "sampler.max_prompt_len=512",
-             "train.eval_every=0", "train.prompts_per_step=32", "train.micro_batch_size=0"]
-    check = _suggested_check(capsys, [CONFIG_7B, *short, "--topology", "v5p-64"])
+    # A 512-row mini-batch in one micro-batch (16 rows per device): the update's backward is
+    # over budget even with splash attention.
+    whole = ["train.eval_every=0", "train.mini_batch_prompts=64", "train.micro_batch_size=0"]
+    check = _suggested_check(capsys, [CONFIG_7B, *whole, "--topology", "v5p-64"])
     assert [a for a in check if a.startswith(("mesh.", "train.micro"))] == [
-        "train.micro_batch_size=128"]  # same mesh, the largest micro-batch that fits
+        "train.micro_batch_size=256"]  # same mesh, the largest micro-batch that fits
     assert main(["plan", *check]) == 0, capsys.readouterr().out
 
 
@@ -118,6 +118,83 @@ def test_cli_does_not_fit_suggests_a_mesh_that_fits(capsys):
     assert check[-2:] == ["--topology", "v5p-64"]
     assert ["mesh.data=1", "mesh.fsdp=32", "mesh.tensor=1"] == [a for a in check if "mesh." in a]
     assert main(["plan", *check]) == 0, capsys.readouterr().out
+
+
+# --------------------------------------------------------------------- attention by platform
+
+GPU_NODE = plan_lib.device_topology(8, 80)
+
+
+def _layer_backward(plan):
+    return _item(plan, "backward of one layer").per_device
+
+
+@pytest.mark.parametrize("overrides,topology,expected", [
+    ([], V5P_64, "splash (auto on tpu)"),
+    ([], GPU_NODE, "cudnn (auto on cuda)"),
+    (["model.compute_dtype=float32"], GPU_NODE, "chunked (block 512) (auto on cuda)"),
+    (["model.attention=dense"], V5P_64, "dense"),
+    (["model.attention=chunked", "model.attention_block=256"], V5P_64, "chunked (block 256)"),
+])
+def test_attention_is_the_one_the_topology_resolves(overrides, topology, expected):
+    plan = plan_lib.plan_memory(load_config(CONFIG_7B, overrides), topology)
+    assert plan_lib.attention_name(plan) == expected
+    assert plan.arch.attention == expected.split()[0]
+    assert plan.arch.platform == topology.platform
+    assert f"attention {expected}" in plan_lib.describe_run(plan)[1]
+
+
+def test_7b_layer_backward_with_splash_drops_the_quadratic_scores():
+    # The figure: one row per device (micro-batch 32 on 32 devices), T = 2048 + 8192.
+    one_row = ["train.micro_batch_size=32"]
+    splash = plan_lib.plan_memory(load_config(CONFIG_7B, one_row), V5P_64)
+    dense = plan_lib.plan_memory(load_config(CONFIG_7B, one_row + ["model.attention=dense"]),
+                                 V5P_64)
+    T, H = 10240, 28
+    assert round(_layer_backward(dense) / plan_lib.GIB, 2) == 38.59  # the old estimate
+    # Backward = 2 x the forward's arrays. Dense: fp32 scores + bf16 softmax, [H, T, T] each;
+    # splash: one fp32 512 x 512 tile per head and the fp32 log-sum-exp [H, T].
+    dense_attention = H * T * T * (4 + 2)
+    splash_attention = H * 512 * 512 * 4 + H * T * 4
+    assert _layer_backward(dense) - _layer_backward(splash) == 2 * (dense_attention
+                                                                    - splash_attention)
+    assert _layer_backward(splash) < 6 * plan_lib.GIB  # vs 38.6 GiB with dense scores
+
+
+def _layer_bytes(cfg, seq):
+    mesh = plan_lib.abstract_mesh((1, 1, 1))
+    return plan_lib.array_item("update", "", plan_lib.layer_activations(cfg, 1, seq, seq),
+                               mesh).per_device
+
+
+@pytest.mark.parametrize("attention,low,high", [("dense", 3.5, 4.0), ("chunked", 1.9, 2.0),
+                                                ("splash", 1.9, 2.0), ("cudnn", 1.9, 2.0)])
+def test_layer_activations_grow_quadratically_only_with_dense(attention, low, high):
+    cfg = plan_lib.model_architecture(load_config(CONFIG_7B, [f"model.attention={attention}"]),
+                                      "tpu")
+    ratio = _layer_bytes(cfg, 65536) / _layer_bytes(cfg, 32768)
+    assert low < ratio <= high, ratio
+
+
+def test_chunked_attention_holds_one_block_pair_and_the_log_sum_exp():
+    cfg = plan_lib.model_architecture(load_config(CONFIG_7B, ["model.attention=chunked",
+                                                              "model.attention_block=256"]), "tpu")
+    H, T = 28, 10240
+    arrays = plan_lib.attention_arrays(cfg, 1, T, T)
+    # fp32 scores and bf16 probabilities of one 256 x 256 block per head, fp32 lse per query.
+    assert sum(plan_lib.full_bytes(a.shape, a.dtype) for a in arrays) == (
+        H * 256 * 256 * (4 + 2) + H * T * 4)
+    # A sequence of one block runs dense (`attention.attention`): the same as dense there.
+    dense = cfg.replace(attention="dense")
+    assert plan_lib.attention_arrays(cfg, 2, 256, 256) == plan_lib.attention_arrays(dense, 2, 256,
+                                                                                    256)
+
+
+def test_cli_report_names_the_attention(capsys):
+    main(["plan", CONFIG_7B, "--topology", "v5p-64"])
+    assert "remat full, attention splash (auto on tpu)" in capsys.readouterr().out
+    main(["plan", CONFIG_7B, "model.attention=dense", "--devices", "8", "--hbm-gib", "80"])
+    assert "remat full, attention dense\n" in capsys.readouterr().out
 
 
 def test_unknown_topology_is_one_line_error(capsys):
