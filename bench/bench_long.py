@@ -36,7 +36,8 @@ def smollm2_step(batch: int, seq: int, remat: str, attention: str = "auto"):
     def mean_logp(params):
         return jnp.mean(token_logprobs(params, cfg, tokens, mask, mesh=mesh, chunk=128)[0][:, 1:])
 
-    step = jax.jit(jax.value_and_grad(mean_logp), compiler_options=model_compile_options("float32"))
+    options = model_compile_options("float32", seq, cfg.attention_block)  # as the trainer picks
+    step = jax.jit(jax.value_and_grad(mean_logp), compiler_options=options)
     start = time.perf_counter()
     step = step.lower(model.params).compile()
     compile_s = time.perf_counter() - start

@@ -51,7 +51,10 @@ def programs(rev, model, tokens, mask, directory):
     from jaxcov.xla_cpu import model_compile_options
 
     llama, logprobs = load_revision(rev, directory)
-    cfg = llama.LlamaConfig(**dataclasses.asdict(model.config))
+    # Options an older revision does not know (attention, platform, ...) are left out.
+    known = {f.name for f in dataclasses.fields(llama.LlamaConfig)}
+    cfg = llama.LlamaConfig(**{k: v for k, v in dataclasses.asdict(model.config).items()
+                               if k in known})
 
     def logp(params):
         return logprobs.token_logprobs(params, cfg, tokens, mask, mesh=model.mesh)[0]

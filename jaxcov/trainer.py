@@ -40,7 +40,7 @@ from jaxcov import batch as batch_lib
 from jaxcov import compiles
 from jaxcov import distributed
 from jaxcov.checkpoint import Checkpointer
-from jaxcov.config import ConfigError, ExperimentConfig, load_config, to_dict
+from jaxcov.config import ConfigError, ExperimentConfig, SamplerConfig, load_config, to_dict
 from jaxcov.data import PromptIterator, load_datasets
 from jaxcov.entropy import masked_mean
 from jaxcov.evaluation import evaluate
@@ -50,7 +50,7 @@ from jaxcov.models.api import Model, load_model
 from jaxcov.models.logprobs import token_logprobs
 from jaxcov.optim import make_optimizer
 from jaxcov.rewards import close_scorers
-from jaxcov.sampler import dataset_prompt_width, generate
+from jaxcov.sampler import bucket, dataset_prompt_width, generate
 from jaxcov.sharding import batch_size_multiple, constrain, make_mesh, named_sharding
 from jaxcov.update import MiniBatch, merge_micro_batches, split_micro_batches, update_policy
 from jaxcov.xla_cpu import model_compile_options
@@ -137,6 +137,12 @@ def _update_shape(params, opt_state, batch, *args) -> str:
     return f"tokens {list(batch.tokens_bt.shape)}"
 
 
+def longest_training_sequence(s: SamplerConfig, prompt_width: Optional[int]) -> int:
+    """Prompt plus response columns of the longest batch the run can score."""
+    return (prompt_width or bucket(s.max_prompt_len, s.min_bucket, s.max_prompt_len)) + \
+        s.max_new_tokens
+
+
 def build_context(config: ExperimentConfig) -> RunContext:
     mesh = make_mesh(config.mesh)
     check_batch_shapes(config, mesh)
@@ -154,7 +160,10 @@ def build_context(config: ExperimentConfig) -> RunContext:
                                optimizer=optimizer, algo=config.algo, micro_batch_size=micro,
                                mesh=mesh)
     update = compiles.counted("update", update, _update_shape)
-    options = model_compile_options(model.config.compute_dtype)
+    prompt_width = dataset_prompt_width(config.sampler, train_set, eval_set)
+    options = model_compile_options(model.config.compute_dtype,
+                                    longest_training_sequence(config.sampler, prompt_width),
+                                    model.config.attention_block)
     return RunContext(
         config=config, model=model, optimizer=optimizer, schedule=schedule,
         update_fn=jax.jit(update, donate_argnums=(0, 1), compiler_options=options),
@@ -162,7 +171,7 @@ def build_context(config: ExperimentConfig) -> RunContext:
         data=PromptIterator(train_set, t.prompts_per_step, config.data.seed, config.data.shuffle),
         eval_data=eval_set, base_key=jax.random.key(config.seed),
         ref_params=jax.tree.map(jnp.copy, model.params) if config.algo.ref_kl_coef > 0 else None,
-        prompt_width=dataset_prompt_width(config.sampler, train_set, eval_set))
+        prompt_width=prompt_width)
 
 
 # ------------------------------------------------------------------------------ train state

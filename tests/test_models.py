@@ -295,21 +295,28 @@ def test_hand_written_layer_backward_matches_autodiff(family, compute_dtype, blo
 
 
 @pytest.mark.parametrize("remat", ["full", "dots", "dots_no_batch"])
-def test_remat_policies_give_the_same_gradient(remat):
+@pytest.mark.parametrize("block", [512, 4])
+def test_remat_policies_give_the_same_gradient(remat, block):
     """Rematerialisation around the hand-written layer backward changes what is recomputed,
-    never the gradient."""
+    never the gradient; under `full` chunked attention (block 4) keeps its output and
+    log-sum-exp, so the backward runs no second attention forward (no extra loop)."""
     from jaxcov.models.logprobs import token_logprobs
 
     tokens, mask = (jnp.asarray(a) for a in _padded_batch("left"))
 
-    def grads(remat):
-        cfg = tiny_config("qwen3", remat=remat)
+    def grad_fn(remat):
+        cfg = tiny_config("qwen3", remat=remat, attention_block=block)
         params = llama.init_params(cfg, jax.random.key(1), std=0.3)
-        return jax.grad(lambda p: jnp.mean(token_logprobs(p, cfg, tokens, mask, chunk=4)[0]))(
-            params)
+        loss = lambda p: jnp.mean(token_logprobs(p, cfg, tokens, mask, chunk=4)[0])  # noqa
+        return jax.grad(loss), params
 
-    for got, want in zip(jax.tree.leaves(grads(remat)), jax.tree.leaves(grads("none"))):
+    for got, want in zip(jax.tree.leaves(jax.jit(grad_fn(remat)[0])(grad_fn(remat)[1])),
+                         jax.tree.leaves(jax.jit(grad_fn("none")[0])(grad_fn("none")[1]))):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-7)
+    if remat == "full":
+        loops = lambda remat: str(jax.make_jaxpr(grad_fn(remat)[0])(  # noqa: E731
+            grad_fn(remat)[1])).count("while[")
+        assert loops("full") == loops("none")
 
 
 def test_bf16_gradient_at_real_layer_sizes_matches_fp32():
@@ -342,6 +349,9 @@ def test_cpu_compile_options_keep_the_gradient():
 
     options = model_compile_options("float32")
     assert options and model_compile_options("bfloat16") == {}
+    # Past one attention block XLA's default fusions run the chunked attention faster.
+    assert model_compile_options("float32", 640, 512) == {}
+    assert model_compile_options("float32", 512, 512) == options
     cfg = tiny_config("qwen2", hidden_size=128, intermediate_size=384)
     params = llama.init_params(cfg, jax.random.key(1), std=0.1)
     tokens, mask = (jnp.asarray(a) for a in _padded_batch("left"))

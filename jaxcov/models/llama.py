@@ -23,6 +23,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 from flax import struct
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh
 
 from jaxcov.models import attention as attn_lib
@@ -423,6 +424,9 @@ def _block_forward(cfg: LlamaConfig, mesh, h_btd, layer, positions_bt, valid_bt,
     def attention_within(q, k, v):
         heads = (attn_lib.to_heads(q, K),) + tuple(x.transpose(0, 2, 1, 3) for x in (k, v))
         out, saved = attn_lib.heads_forward(*heads, valid_bt, spec)
+        saved = _kept_under_full_remat(saved)
+        # The named output feeds the rest of the layer, so recomputing it needs no attention.
+        out = out if saved.out is None else saved.out
         return attn_lib.from_heads(out), saved, heads
 
     out, saved, heads = layer_forward(h_btd, layer, attention_within, positions_bt, inv_freq,
@@ -433,6 +437,22 @@ def _block_forward(cfg: LlamaConfig, mesh, h_btd, layer, positions_bt, valid_bt,
     if not cfg.qk_norm:
         saved = saved._replace(q=None, k=None)
     return out, saved
+
+
+# Under remat full the CPU fast path still keeps chunked attention's output and log-sum-exp
+# (O(T), about one hidden state per layer), so the backward pass recomputes the projections
+# and the MLP but not the attention forward, the costliest part of a long layer. Only this
+# path names them: the accelerator path runs its kernels under plain nothing_saveable.
+KEPT_ATTENTION = "chunked_attention_stats"
+
+
+def _kept_under_full_remat(saved: attn_lib.HeadsResidual) -> attn_lib.HeadsResidual:
+    """`saved` with chunked attention's O(T) statistics named KEPT_ATTENTION (the one-block
+    softmax weights stay unnamed: [B, H, T, T] is recomputed rather than kept per layer)."""
+    if saved.out is None:
+        return saved
+    return saved._replace(out=checkpoint_name(saved.out, KEPT_ATTENTION),
+                          lse=checkpoint_name(saved.lse, KEPT_ATTENTION))
 
 
 def _train_block_fwd(cfg, mesh, h_btd, layer, positions_bt, valid_bt, inv_freq):
@@ -548,7 +568,7 @@ class _Context:
 
 
 REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
+    "full": jax.checkpoint_policies.save_only_these_names(KEPT_ATTENTION),
     "dots": jax.checkpoint_policies.dots_saveable,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
