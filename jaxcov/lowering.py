@@ -20,6 +20,7 @@ from jax.sharding import Mesh
 from jaxcov import sampler as sampler_lib
 from jaxcov.config import ExperimentConfig
 from jaxcov.models import attention as attn_lib
+from jaxcov.models import decode as decode_lib
 from jaxcov.models.api import abstract_params, run_options_for
 from jaxcov.models.llama import LlamaConfig
 from jaxcov.optim import make_optimizer
@@ -104,7 +105,7 @@ def _export_sampler(config, cfg, mesh, params, rows, platform):
     decode `while_loop`) for `rows` prompts of `max_prompt_len` tokens, one sample each."""
     s = config.sampler
     static = sampler_lib.sampler_static(cfg, mesh, s, n=1, stop_ids=(0,), pad_id=0)
-    weights = jax.eval_shape(functools.partial(sampler_lib.decode_params, cfg=static.cfg,
+    weights = jax.eval_shape(functools.partial(decode_lib.decode_params, cfg=static.cfg,
                                                mesh=mesh), params)
     prefix = 0 if cfg.attention == "cudnn" else sampler_lib.PREFIX_MULTIPLE
     prompt = _rows(mesh, (rows, sampler_lib.bucket(s.max_prompt_len, s.min_bucket)), jnp.int32)

@@ -390,7 +390,7 @@ def weights_item(phase: str, name: str, cfg: LlamaConfig, mesh, dtype, layers: i
 
 
 def kv_cache_arrays(cfg: LlamaConfig, rows: int, slots: int, dtype) -> list[Array]:
-    """`sampler.DecodeCache`: k and v, L x [R, K, S, E] (the layout in its AXES)."""
+    """`decode.DecodeCache`: k and v, L x [R, K, S, E] (the layout in its AXES)."""
     shape = (rows, cfg.num_kv_heads, slots, cfg.head_dim)
     axes = ("batch", "kv_heads", "cache_seq", "head_dim")
     return [Array("cache", shape, axes, dtype, count=2 * cfg.num_layers)]

@@ -12,7 +12,7 @@ import pytest
 
 from jaxcov import sampler
 from jaxcov.config import ConfigError, MeshConfig, SamplerConfig
-from jaxcov.models import llama
+from jaxcov.models import decode, llama
 from jaxcov.models.api import param_shardings
 from jaxcov.models.presets import TINY_CONFIGS, tiny_config
 from jaxcov.sharding import make_mesh
@@ -87,13 +87,13 @@ def cached_and_full_logits(params, cfg, prefix_c, prompt_bp, prompt_mask_bp, res
     full forward pass over the same tokens, at the same positions: both [B, T, V]."""
     B, P = prompt_bp.shape
     C, T = prefix_c.shape[0], response_bt.shape[1]
-    original, (params, layers) = params, sampler.decode_params(params, cfg)
-    logits, cache = sampler.prefill(params, layers, cfg, prefix_c, prompt_bp, prompt_mask_bp, T,
+    original, (params, layers) = params, decode.decode_params(params, cfg)
+    logits, cache = decode.prefill(params, layers, cfg, prefix_c, prompt_bp, prompt_mask_bp, T,
                                     None)
     cached = [logits]
     for t in range(T - 1):
         position = C + jnp.sum(prompt_mask_bp, axis=1) + t
-        logits, cache = sampler.decode_step(params, layers, cfg, response_bt[:, t], position,
+        logits, cache = decode.decode_step(params, layers, cfg, response_bt[:, t], position,
                                             cache, None)
         cached.append(logits)
     tokens = jnp.concatenate([jnp.broadcast_to(prefix_c, (B, C)), prompt_bp, response_bt], 1)

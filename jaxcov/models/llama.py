@@ -22,7 +22,6 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-from flax import struct
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh
 
@@ -148,36 +147,6 @@ def init_params(cfg: LlamaConfig, key: jax.Array, dtype=jnp.float32, std: float 
     return jax.tree.unflatten(treedef, [make(s, k) for s, k in zip(leaves, keys)])
 
 
-# ----------------------------------------------------------------------------------- KV cache
-
-
-@struct.dataclass
-class KVCache:
-    """Keys and values of every layer for a batch of sequences, one slot per sequence position.
-
-    Slot i of a row holds the token at sequence index i of that row (prompt padding included), so
-    causality and sliding windows compare slot indices. `valid_bs` marks slots that hold real
-    tokens; `end` is how many slots have been written (the same for every row).
-    """
-
-    k: jax.Array  # [L, B, S, K, E]
-    v: jax.Array  # [L, B, S, K, E]
-    valid_bs: jax.Array  # [B, S] bool
-    end: jax.Array  # [] int32
-
-    @staticmethod
-    def axes() -> "KVCache":
-        kv = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
-        return KVCache(k=kv, v=kv, valid_bs=("batch", "cache_seq"), end=())
-
-
-def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=None) -> KVCache:
-    dtype = dtype or cfg.dtype
-    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-                   valid_bs=jnp.zeros((batch, max_len), bool), end=jnp.zeros((), jnp.int32))
-
-
 # ---------------------------------------------------------------------------------- components
 
 
@@ -231,29 +200,6 @@ def attention_mask(valid_bs: jax.Array, query_slots_bt: jax.Array, window: Optio
     if window is not None:
         mask &= (query_slots - key_slots) < window
     return mask
-
-
-def attention_probs(q_bthe, k_bske, mask_bts) -> jax.Array:
-    """Grouped-query attention weights [B, K, G, T, S]: softmax in fp32, cast to q's dtype."""
-    B, T, H, E = q_bthe.shape
-    K = k_bske.shape[2]
-    q_btkge = q_bthe.reshape(B, T, K, H // K, E)
-    scores = jnp.einsum("btkge,bske->bkgts", q_btkge, k_bske,
-                        preferred_element_type=jnp.float32) / math.sqrt(E)
-    scores = jnp.where(mask_bts[:, None, None], scores, -1e30)
-    return jax.nn.softmax(scores, axis=-1).astype(q_bthe.dtype)
-
-
-def attention_output(probs_bkgts, v_bske) -> jax.Array:
-    """[B, T, H, E] weighted sum of the values."""
-    out = jnp.einsum("bkgts,bske->btkge", probs_bkgts, v_bske.astype(probs_bkgts.dtype))
-    B, T, K, G, E = out.shape
-    return out.reshape(B, T, K * G, E)
-
-
-def attend(q_bthe, k_bske, v_bske, mask_bts) -> jax.Array:
-    """Grouped-query attention, softmax in fp32. Returns [B, T, H, E]."""
-    return attention_output(attention_probs(q_bthe, k_bske, mask_bts), v_bske)
 
 
 # The CPU training path attends in a head-major layout ([B, K, G, T, E], `attention.to_heads`):
@@ -378,36 +324,23 @@ def layer_forward(h_btd, layer, attention: Attention, positions_bt, inv_freq,
     return out, LayerResiduals(h_btd, q_raw, k_raw, v, probs, attn, h_mid, gate, up), extra
 
 
-def block(h_btd, layer, kv_cache, ctx: "_Context"):
-    """One decoder layer.
-
-    `kv_cache` is None (attend within the T given tokens) or this layer's (k, v) cache slices
-    [B, S, K, E], into which this step's keys and values are written before attending.
-    Without a cache the CPU fast path is `_train_block` (hand-written backward); elsewhere the
-    layer is autodiff around `cfg.attention`'s kernel, under the scan's remat policy.
+def block(h_btd, layer, ctx: "_Context"):
+    """One decoder layer attending within the T given tokens (training and scoring; decoding
+    with a cache is `jaxcov.models.decode`). The CPU fast path is `_train_block` (hand-written
+    backward); elsewhere the layer is autodiff around `cfg.attention`'s kernel, under the
+    scan's remat policy.
     """
     cfg = ctx.cfg
-    if kv_cache is None and cfg.cpu_fast_path:
+    if cfg.cpu_fast_path:
         return _train_block(cfg, ctx.mesh, h_btd, layer, ctx.positions_bt, ctx.valid_bs,
-                            ctx.inv_freq), None
-    if kv_cache is None:
-        def attention_within(q, k, v):
-            return attn_lib.attention(q, k, v, ctx.valid_bs, cfg.attention_spec(), ctx.mesh), \
-                None, None
-        out, _, _ = layer_forward(h_btd, layer, attention_within, ctx.positions_bt,
-                                  ctx.inv_freq, cfg, ctx.mesh)
-        return out, None
+                            ctx.inv_freq)
 
-    def attention_over_cache(q, k, v):
-        k_cache, v_cache = (jax.lax.dynamic_update_slice_in_dim(cache, x.astype(cache.dtype),
-                                                                ctx.start, 1)
-                            for cache, x in zip(kv_cache, (k, v)))
-        out = attend(q, k_cache.astype(cfg.dtype), v_cache.astype(cfg.dtype), ctx.mask_bts)
-        return out, None, (k_cache, v_cache)
-
-    out, _, kv_cache = layer_forward(h_btd, layer, attention_over_cache, ctx.positions_bt,
-                                     ctx.inv_freq, cfg, ctx.mesh)
-    return out, kv_cache
+    def attention_within(q, k, v):
+        return attn_lib.attention(q, k, v, ctx.valid_bs, cfg.attention_spec(), ctx.mesh), \
+            None, None
+    out, _, _ = layer_forward(h_btd, layer, attention_within, ctx.positions_bt, ctx.inv_freq,
+                              cfg, ctx.mesh)
+    return out
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -561,9 +494,7 @@ class _Context:
     cfg: LlamaConfig
     mesh: Optional[Mesh]
     positions_bt: jax.Array
-    valid_bs: jax.Array  # [B, S] real key slots
-    mask_bts: Optional[jax.Array]  # [B, T, S] (the cache path only: training keeps O(T))
-    start: jax.Array
+    valid_bs: jax.Array  # [B, T] real tokens
     inv_freq: jax.Array
 
 
@@ -574,16 +505,14 @@ REMAT_POLICIES = {
 }
 
 
-def _scan_layers(layers: Params, h_btd, kv_cache, ctx: _Context):
-    """Runs every layer with `lax.scan`; `kv_cache` is None or stacked (k, v) [L, B, S, K, E]."""
-    def body(h, xs):
-        layer, kv = xs
-        h, kv = block(h, layer, kv, ctx)
-        return h, kv
+def _scan_layers(layers: Params, h_btd, ctx: _Context):
+    """Runs every layer with `lax.scan` over the stacked layer parameters."""
+    def body(h, layer):
+        return block(h, layer, ctx), None
 
     if ctx.cfg.remat != "none":
         body = jax.checkpoint(body, policy=REMAT_POLICIES[ctx.cfg.remat])
-    return jax.lax.scan(body, h_btd, (layers, kv_cache))
+    return jax.lax.scan(body, h_btd, layers)[0]
 
 
 def default_positions(attention_mask_bt: jax.Array) -> jax.Array:
@@ -593,35 +522,18 @@ def default_positions(attention_mask_bt: jax.Array) -> jax.Array:
 
 def forward_hidden(params: Params, cfg: LlamaConfig, tokens_bt: jax.Array,
                    attention_mask_bt: jax.Array, positions_bt: Optional[jax.Array] = None,
-                   cache: Optional[KVCache] = None, mesh: Optional[Mesh] = None):
-    """Final-norm hidden states [B, T, D] and the updated cache (None when no cache is given).
-
-    Without a cache the sequence attends to itself (training / scoring). With a cache the T new
-    tokens are written at slots [cache.end, cache.end + T) and attend to every valid earlier slot.
-    """
-    B, T = tokens_bt.shape
+                   mesh: Optional[Mesh] = None) -> jax.Array:
+    """Final-norm hidden states [B, T, D] of T tokens per row attending to each other
+    (training / scoring; the sampler's cached forward is `jaxcov.models.decode`)."""
     positions_bt = default_positions(attention_mask_bt) if positions_bt is None else positions_bt
-    if cache is None:
-        start, valid_bs, kv = jnp.zeros((), jnp.int32), attention_mask_bt.astype(bool), None
-    else:
-        start, kv = cache.end, (cache.k, cache.v)
-        valid_bs = jax.lax.dynamic_update_slice_in_dim(
-            cache.valid_bs, attention_mask_bt.astype(bool), start, 1)
-    mask_bts = None
-    if cache is not None:
-        query_slots_bt = jnp.broadcast_to(start + jnp.arange(T), (B, T))
-        mask_bts = attention_mask(valid_bs, query_slots_bt, cfg.sliding_window)
-    ctx = _Context(cfg, mesh, positions_bt, valid_bs, mask_bts, start, rope_inv_freq(cfg))
+    ctx = _Context(cfg, mesh, positions_bt, attention_mask_bt.astype(bool), rope_inv_freq(cfg))
     # Gather rows from a whole table: XLA cannot gather from a vocab-split table without
     # replicating it anyway, and says so with "involuntary full rematerialization".
     embed = constrain(params["embed"], mesh, (None, None))
     h = jnp.take(embed, tokens_bt, axis=0).astype(cfg.dtype)
     h = constrain(h, mesh, ("batch", "seq", "act_embed"))
-    h, kv = _scan_layers(params["layers"], h, kv, ctx)
-    h = rms_norm(h, params["final_norm"], cfg.rms_norm_eps)
-    if cache is None:
-        return h, None
-    return h, KVCache(k=kv[0], v=kv[1], valid_bs=valid_bs, end=start + T)
+    h = _scan_layers(params["layers"], h, ctx)
+    return rms_norm(h, params["final_norm"], cfg.rms_norm_eps)
 
 
 def unembed_matrix(params: Params, cfg: LlamaConfig) -> jax.Array:
@@ -642,9 +554,7 @@ def logits_from_hidden(params: Params, cfg: LlamaConfig, h_btd: jax.Array) -> ja
 
 
 def forward(params: Params, cfg: LlamaConfig, tokens_bt: jax.Array, attention_mask_bt: jax.Array,
-            positions_bt: Optional[jax.Array] = None, cache: Optional[KVCache] = None,
-            mesh: Optional[Mesh] = None):
-    """fp32 logits [B, T, V] (and the updated cache when one is given)."""
-    h, new_cache = forward_hidden(params, cfg, tokens_bt, attention_mask_bt, positions_bt, cache, mesh)
-    logits = logits_from_hidden(params, cfg, h)
-    return (logits, new_cache) if cache is not None else logits
+            positions_bt: Optional[jax.Array] = None, mesh: Optional[Mesh] = None) -> jax.Array:
+    """fp32 logits [B, T, V]."""
+    h = forward_hidden(params, cfg, tokens_bt, attention_mask_bt, positions_bt, mesh)
+    return logits_from_hidden(params, cfg, h)

@@ -214,7 +214,7 @@ def token_logprobs(params: Params, cfg: LlamaConfig, tokens_bt: jax.Array,
     Returns `(logp_bt, entropy_bt)`, both [B, T] fp32, aligned with `tokens_bt`: index t scores
     token t under the distribution predicted at t-1 (index 0 has no prediction and is 0).
     """
-    h, _ = forward_hidden(params, cfg, tokens_bt, attention_mask_bt, mesh=mesh)
+    h = forward_hidden(params, cfg, tokens_bt, attention_mask_bt, mesh=mesh)
     logp, ent = logprobs_from_hidden(h[:, :-1], unembed_rows(params, cfg), tokens_bt[:, 1:],
                                      chunk, temperature, mesh)
     logp = jnp.pad(logp, ((0, 0), (1, 0)))
