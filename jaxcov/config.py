@@ -351,6 +351,12 @@ class SamplerConfig:
         prompt in their datasets, so the sampler, scoring and update programs are built once
         (more padding in batches of short prompts); "batch": to the bucket of the batch's
         longest prompt (less padding, a program for each width the first time it turns up).
+      engine: "continuous": decode slots draw (prompt, sample) items from a queue and a slot
+        whose response ended takes the next item, so a rollout costs the tokens it generates
+        (`jaxcov.continuous`); "static": one row per item, decoded until the longest ends.
+        Both give the same greedy tokens.
+      slots: the continuous engine's decode slots (its KV memory is slots x (prompt + response
+        buckets)); 0: one per row on an accelerator, 16 on CPU.
     """
 
     max_new_tokens: int = 512
@@ -364,10 +370,13 @@ class SamplerConfig:
     min_bucket: int = 16
     share_prompt_prefix: bool = True
     pad_prompts: Literal["dataset", "batch"] = "dataset"
+    engine: Literal["continuous", "static"] = "continuous"
+    slots: int = 0
 
     def __post_init__(self):
         for key in ("max_new_tokens", "max_prompt_len", "min_bucket"):
             _require(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        _require(self.slots >= 0, "slots", f"must be >= 0 (0: automatic), got {self.slots}")
         _require(self.temperature >= 0.0, "temperature", f"must be >= 0, got {self.temperature}")
         _require(self.top_k >= 0, "top_k", f"must be >= 0, got {self.top_k}")
         _require(0.0 < self.top_p <= 1.0, "top_p", f"must be in (0, 1], got {self.top_p}")

@@ -101,17 +101,19 @@ def _export_update(config, cfg, mesh, params, logprob_fn, rows, seq, platform):
 
 
 def _export_sampler(config, cfg, mesh, params, rows, platform):
-    """The sampler program (prefill with a shared prefix where the kernel allows it, then the
-    decode `while_loop`) for `rows` prompts of `max_prompt_len` tokens, one sample each."""
+    """The sampler program of `sampler.engine` (prefill with a shared prefix where the kernel
+    allows it, then the decode `while_loop`) for `rows` prompts of `max_prompt_len` tokens, one
+    sample each."""
     s = config.sampler
-    static = sampler_lib.sampler_static(cfg, mesh, s, n=1, stop_ids=(0,), pad_id=0)
+    static = sampler_lib.sampler_static(cfg, mesh, s, n=1, stop_ids=(0,), pad_id=0, rows=rows,
+                                        platform=platform)
     weights = jax.eval_shape(functools.partial(decode_lib.decode_params, cfg=static.cfg,
                                                mesh=mesh), params)
     prefix = 0 if cfg.attention == "cudnn" else sampler_lib.PREFIX_MULTIPLE
     prompt = _rows(mesh, (rows, sampler_lib.bucket(s.max_prompt_len, s.min_bucket)), jnp.int32)
     program = lambda w, prefix_c, prompt_bp, mask_bp, real_b, key_data, limit: (  # noqa: E731
-        sampler_lib._sample_program(w, prefix_c, prompt_bp, mask_bp, real_b,
-                                    jax.random.wrap_key_data(key_data), limit, static=static))
+        sampler_lib.sampler_program(s)(w, prefix_c, prompt_bp, mask_bp, real_b,
+                                       jax.random.wrap_key_data(key_data), limit, static=static))
     return _exported(jax.jit(program, keep_unused=True), platform, weights,
                      jax.ShapeDtypeStruct((prefix,), jnp.int32), prompt, prompt,
                      _rows(mesh, (rows,), bool), KEY_DATA, jax.ShapeDtypeStruct((), jnp.int32))

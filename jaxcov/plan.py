@@ -49,6 +49,7 @@ from jaxcov.models.api import abstract_params, run_options_for
 from jaxcov.models.llama import LlamaConfig
 from jaxcov.models.presets import REAL_CONFIGS, TINY_CONFIGS
 from jaxcov.optim import make_optimizer
+from jaxcov.continuous import slot_count
 from jaxcov.sampler import batch_bucket, bucket
 from jaxcov.sharding import MESH_AXES, logical_spec, mesh_shape
 
@@ -196,6 +197,8 @@ class RunShapes:
 
     rollout_prompts: int  # the sampler's prompt-count bucket for one step's draw
     eval_prompts: int  # the same for one held-out batch; 0 without periodic eval
+    rollout_slots: int  # the continuous engine's decode slots (0: the static batch)
+    eval_slots: int
     prompt_slots: int  # prompt bucket of the sampler
     cache_slots: int  # prompt bucket + response bucket
     train_seq: int  # columns of a training row: prompt width + max_new_tokens
@@ -204,16 +207,26 @@ class RunShapes:
     micro_rows: int
 
 
-def run_shapes(config: ExperimentConfig, mesh: AbstractMesh) -> RunShapes:
-    """Sizes as `sampler.sample` buckets them and `batch.from_rollout` lays rows out."""
+def run_shapes(config: ExperimentConfig, mesh: AbstractMesh,
+               platform: Optional[str] = None) -> RunShapes:
+    """Sizes as `sampler.sample` buckets them (slots as on `platform`) and
+    `batch.from_rollout` lays rows out."""
     s, t = config.sampler, config.train
     longest_prompt = min(config.data.max_prompt_len, s.max_prompt_len)  # longer: dropped/refused
     prompt_slots = bucket(longest_prompt, s.min_bucket)
     mini_rows = t.mini_batch_prompts * config.algo.group_size
+    slotted = s.engine == "continuous"  # whole prompts per batch shard, then n items each
+
+    def prompts_and_slots(prompts: int, n: int) -> tuple[int, int]:
+        batch = batch_bucket(prompts, 1 if slotted else n, mesh)
+        return batch, slot_count(s, batch * n, mesh, platform) if slotted else 0
+
+    rollout_prompts, rollout_slots = prompts_and_slots(t.prompts_per_step, config.algo.group_size)
+    eval_prompts, eval_slots = (prompts_and_slots(held_out_prompts(config), t.eval_samples)
+                                if t.eval_every else (0, 0))
     return RunShapes(
-        rollout_prompts=batch_bucket(t.prompts_per_step, config.algo.group_size, mesh),
-        eval_prompts=(batch_bucket(held_out_prompts(config), t.eval_samples, mesh)
-                      if t.eval_every else 0),
+        rollout_prompts=rollout_prompts, eval_prompts=eval_prompts,
+        rollout_slots=rollout_slots, eval_slots=eval_slots,
         prompt_slots=prompt_slots,
         cache_slots=prompt_slots + bucket(s.max_new_tokens, s.min_bucket),
         train_seq=bucket(longest_prompt, s.min_bucket, s.max_prompt_len) + s.max_new_tokens,
@@ -397,34 +410,43 @@ def kv_cache_arrays(cfg: LlamaConfig, rows: int, slots: int, dtype) -> list[Arra
 
 
 def rollout_items(phase: str, config: ExperimentConfig, cfg: LlamaConfig, mesh,
-                  shapes: RunShapes, prompts: int, n: int) -> list[Item]:
-    """`sampler.sample` of `prompts` (bucketed) prompts x `n` samples each."""
+                  shapes: RunShapes, prompts: int, n: int, slots: int) -> list[Item]:
+    """`sampler.sample` of `prompts` (bucketed) prompts x `n` samples each: the static batch
+    (`slots` 0) caches every row, the continuous engine its slots and the prompts."""
     dtype = sampler_dtype(config)
     run_cfg = cfg.replace(compute_dtype=dtype.name)
-    rows, slots = prompts * n, shapes.cache_slots
+    rows, width = prompts * n, shapes.cache_slots
+    if slots:
+        caches = [array_item(phase, f"KV cache ({slots} decode slots x {width} cache slots)",
+                             kv_cache_arrays(cfg, slots, width, dtype), mesh),
+                  array_item(phase, f"prompt cache ({prompts} prompts x "
+                                    f"{shapes.prompt_slots} slots)",
+                             kv_cache_arrays(cfg, prompts, shapes.prompt_slots, dtype), mesh)]
+    else:
+        caches = [array_item(phase, f"KV cache ({prompts} prompts x {n} = {rows} rows x {width} "
+                                    f"slots)", kv_cache_arrays(cfg, rows, width, dtype), mesh),
+                  array_item(phase, f"prompt cache before the x{n} repeat",
+                             kv_cache_arrays(cfg, prompts, width, dtype), mesh)]
     return [
         weights_item(phase, f"decode weights ({dtype.name}, gathered over fsdp)", cfg, mesh,
                      dtype, cfg.num_layers),
-        array_item(phase, f"KV cache ({prompts} prompts x {n} = {rows} rows x {slots} slots)",
-                   kv_cache_arrays(cfg, rows, slots, dtype), mesh),
-        array_item(phase, f"prompt cache before the x{n} repeat",
-                   kv_cache_arrays(cfg, prompts, slots, dtype), mesh),
+        *caches,
         array_item(phase, f"prefill: one layer, {prompts} prompts",
                    layer_activations(run_cfg, prompts, shapes.prompt_slots,
                                      shapes.prompt_slots), mesh),
         array_item(phase, "decode logits and sampling buffers",
-                   [Array("other", (rows, cfg.vocab_size), ("batch", "vocab"), jnp.float32,
-                          count=3)], mesh),
+                   [Array("other", (slots or rows, cfg.vocab_size), ("batch", "vocab"),
+                          jnp.float32, count=3)], mesh),
     ]
 
 
 def sampling_items(config: ExperimentConfig, cfg: LlamaConfig, mesh, shapes: RunShapes):
     """The step's rollout, and (with periodic eval) a held-out batch at eval_samples each."""
     items = rollout_items("rollout", config, cfg, mesh, shapes, shapes.rollout_prompts,
-                          config.algo.group_size)
+                          config.algo.group_size, shapes.rollout_slots)
     if shapes.eval_prompts:
         items += rollout_items("eval", config, cfg, mesh, shapes, shapes.eval_prompts,
-                               config.train.eval_samples)
+                               config.train.eval_samples, shapes.eval_slots)
     return items
 
 
@@ -582,7 +604,7 @@ def plan_memory(config: ExperimentConfig, topology: Topology,
     mesh = abstract_mesh(shape)
     check_layout(config, mesh)
     cfg = model_architecture(config, topology.platform)
-    shapes = run_shapes(config, mesh)
+    shapes = run_shapes(config, mesh, topology.platform)
     items = (state_items(config, cfg, shape) + sampling_items(config, cfg, mesh, shapes)
              + score_items(config, cfg, mesh, shapes) + update_items(config, cfg, mesh, shapes))
     return Plan(config, cfg, topology, shape, shapes, tuple(items), usable_fraction)
@@ -707,8 +729,9 @@ def describe_run(plan: Plan) -> list[str]:
         f"H={cfg.num_heads} K={cfg.num_kv_heads} F={cfg.intermediate_size} "
         f"V={cfg.vocab_size}); params {m.param_dtype}, compute {m.compute_dtype}, "
         f"remat {m.remat}, attention {attention_name(plan)}",
-        f"rollout {s.rollout_prompts * plan.config.algo.group_size} rows x {s.cache_slots} "
-        f"cache slots; step batch "
+        f"rollout {s.rollout_prompts * plan.config.algo.group_size} rows"
+        + (f" in {s.rollout_slots} decode slots" if s.rollout_slots else "")
+        + f" x {s.cache_slots} cache slots; step batch "
         f"{s.step_rows} rows x {s.train_seq} tokens; mini-batch {s.mini_rows} rows; "
         f"micro-batch {s.micro_rows} rows ({s.micro_rows // (data * fsdp)} per device)",
     ]

@@ -42,182 +42,20 @@ import numpy as np
 from flax import struct
 from jax.sharding import Mesh
 
-from jaxcov import compiles
+from jaxcov import compiles, continuous
 from jaxcov.config import ConfigError, SamplerConfig
 from jaxcov.distributed import to_global, to_host
 from jaxcov.models.llama import LlamaConfig, Params
 from jaxcov.models.decode import (DecodeCache, decode_params, decode_step, prefill,
                                   repeat_cache, repeat_rows)
+from jaxcov.sampling import (Generated, SamplerStatic, SamplingOptions, is_stop,  # noqa: F401
+                             sample_tokens, top_k_mask, top_p_mask)
 from jaxcov.sharding import batch_size_multiple, constrain, named_sharding
 
 
 def compile_count() -> int:
     """How many sampler programs this process has compiled (a metric: should stay small)."""
     return compiles.count("sampler")
-
-
-# --------------------------------------------------------------------------- sampling controls
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingOptions:
-    """The static part of sampling (a jit static argument)."""
-
-    temperature: float = 1.0  # 0: greedy
-    top_k: int = 0  # 0: off
-    top_p: float = 1.0  # 1: off
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
-    @property
-    def changes_policy(self) -> bool:
-        """Whether the sampling distribution differs from the T=1 policy."""
-        return self.temperature != 1.0 or self.top_k > 0 or self.top_p < 1.0
-
-    @staticmethod
-    def from_config(config: SamplerConfig) -> "SamplingOptions":
-        return SamplingOptions(config.temperature, config.top_k, config.top_p)
-
-
-def _sortable_bits(x: jax.Array) -> jax.Array:
-    """int32 keys ordered like the float32 values (so bisection can run on integers)."""
-    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
-    return jnp.where(bits >= 0, bits, bits ^ jnp.int32(0x7FFFFFFF))
-
-
-def _midpoint(lo: jax.Array, hi: jax.Array) -> jax.Array:
-    """floor((lo + hi) / 2) without int32 overflow (keys span the whole int32 range)."""
-    return (lo >> 1) + (hi >> 1) + (lo & hi & 1)
-
-
-def _bisect_threshold(keys_rv: jax.Array, keeps_enough) -> jax.Array:
-    """Largest int32 key t (per row) with `keeps_enough(keys_rv >= t)`; [R, 1].
-
-    `keeps_enough` must be monotone: true for small t, false for large t.
-    """
-    lo = jnp.min(keys_rv, axis=-1, keepdims=True)  # keeps everything: always enough
-    hi = jnp.max(keys_rv, axis=-1, keepdims=True) + 1  # keeps nothing: never enough
-
-    def halve(_, bounds):
-        lo, hi = bounds
-        mid = _midpoint(lo, hi)
-        ok = keeps_enough(keys_rv >= mid)
-        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
-
-    lo, _ = jax.lax.fori_loop(0, 32, halve, (lo, hi))
-    return lo
-
-
-def top_k_mask(logits_rv: jax.Array, k: int) -> jax.Array:
-    """Tokens whose logit is at least the k-th largest (ties at the k-th value are all kept)."""
-    keys = _sortable_bits(logits_rv)
-    k = min(k, logits_rv.shape[-1])
-    threshold = _bisect_threshold(keys, lambda kept: jnp.sum(kept, -1, keepdims=True) >= k)
-    return keys >= threshold
-
-
-def top_p_mask(logits_rv: jax.Array, p: float) -> jax.Array:
-    """The smallest set of most likely tokens whose probability mass reaches p: a token is kept
-    when the mass of the tokens strictly more likely than it is below p (HF / vLLM semantics)."""
-    probs = jax.nn.softmax(logits_rv, axis=-1)
-    keys = _sortable_bits(logits_rv)
-    # A threshold t is too low while the tokens above t (excluding t) already hold mass >= p.
-    above_mass = lambda t: jnp.sum(jnp.where(keys > t, probs, 0.0), -1, keepdims=True)  # noqa
-    lo = jnp.min(keys, axis=-1, keepdims=True)
-    hi = jnp.max(keys, axis=-1, keepdims=True)
-
-    def halve(_, bounds):  # smallest t with above_mass(t) < p lies in [lo, hi]
-        lo, hi = bounds
-        mid = _midpoint(lo, hi)
-        ok = above_mass(mid) < p
-        return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
-
-    threshold, _ = jax.lax.fori_loop(0, 32, halve, (lo, hi))
-    return keys >= threshold
-
-
-def sampling_logits(logits_rv: jax.Array, options: SamplingOptions) -> jax.Array:
-    """The logits of the sampling distribution: temperature, then top-k, then top-p (HF order);
-    filtered tokens get -inf."""
-    scaled = logits_rv if options.temperature == 1.0 else logits_rv / options.temperature
-    if options.top_k > 0:
-        scaled = jnp.where(top_k_mask(scaled, options.top_k), scaled, -jnp.inf)
-    if options.top_p < 1.0:
-        scaled = jnp.where(top_p_mask(scaled, options.top_p), scaled, -jnp.inf)
-    return scaled
-
-
-def _first_true(mask_rx: jax.Array, fallback_rx: jax.Array) -> jax.Array:
-    """Index of the first True along the last axis; where there is none (rounding at the top of
-    a cdf), the last True of `fallback`. Two plain min/max reductions: cheaper on CPU than
-    argmax, which XLA lowers to a slow (value, index) pair reduction."""
-    n = mask_rx.shape[-1]
-    iota = jnp.arange(n, dtype=jnp.int32)
-    first = jnp.min(jnp.where(mask_rx, iota, n), axis=-1)
-    last = jnp.max(jnp.where(fallback_rx, iota, -1), axis=-1)
-    return jnp.where(first < n, first, last)
-
-
-def _block_size(vocab: int, largest: int = 256) -> int:
-    """The largest power of two <= `largest` that divides the vocabulary size."""
-    block = 1
-    while block < largest and vocab % (2 * block) == 0:
-        block *= 2
-    return block
-
-
-def _categorical(logits_rv: jax.Array, max_r1: jax.Array, key: jax.Array):
-    """Inverse-CDF draw with one uniform per row, in two levels: first a block of the vocabulary
-    by block mass, then a token inside it. The full-vocabulary work is one fused exp-and-sum pass
-    (Gumbel-max would need a random number per token; a full-vocabulary cumsum is several passes).
-    Zero-probability tokens are never drawn. Returns (token_r, log_z_r)."""
-    R, V = logits_rv.shape
-    block = _block_size(V)
-    mass_rn = jnp.sum(jnp.exp(logits_rv - max_r1).reshape(R, V // block, block), axis=-1)
-    cum_rn = jnp.cumsum(mass_rn, axis=-1)
-    u_r = jax.random.uniform(key, (R,)) * cum_rn[:, -1]
-    chosen_r = _first_true((cum_rn > u_r[:, None]) & (mass_rn > 0), mass_rn > 0)
-    before_r = jnp.where(chosen_r > 0, jnp.take_along_axis(
-        cum_rn, jnp.maximum(chosen_r - 1, 0)[:, None], axis=-1)[:, 0], 0.0)
-    logits_rb = jnp.take_along_axis(logits_rv.reshape(R, V // block, block),
-                                    chosen_r[:, None, None], axis=1)[:, 0]
-    p_rb = jnp.exp(logits_rb - max_r1)
-    inside_r = _first_true((jnp.cumsum(p_rb, axis=-1) > (u_r - before_r)[:, None]) & (p_rb > 0),
-                           p_rb > 0)
-    return chosen_r * block + inside_r, max_r1[:, 0] + jnp.log(cum_rn[:, -1])
-
-
-def _log_z(logits_rv: jax.Array, max_r1: jax.Array) -> jax.Array:
-    return max_r1[:, 0] + jnp.log(jnp.sum(jnp.exp(logits_rv - max_r1), axis=-1))
-
-
-def _logit_of(logits_rv, token_r):
-    return jnp.take_along_axis(logits_rv, token_r[:, None], axis=-1)[:, 0]
-
-
-def sample_tokens(logits_rv: jax.Array, key: jax.Array, options: SamplingOptions):
-    """Draws one token per row from fp32 logits [R, V].
-
-    Returns (token_r, sample_logp_r, policy_logp_r): the log-prob of the token under the sampling
-    distribution (0 for greedy: a point mass) and under the T=1 policy softmax(logits).
-    """
-    logits_rv = logits_rv.astype(jnp.float32)
-    max_r1 = jnp.max(logits_rv, axis=-1, keepdims=True)
-    if options.greedy:
-        token = _first_true(logits_rv == max_r1, logits_rv == max_r1)
-        policy_logp = _logit_of(logits_rv, token) - _log_z(logits_rv, max_r1)
-        return token, jnp.zeros_like(policy_logp), policy_logp
-    if not options.changes_policy:
-        token, log_z = _categorical(logits_rv, max_r1, key)
-        logp = _logit_of(logits_rv, token) - log_z
-        return token, logp, logp
-    sample_logits = sampling_logits(logits_rv, options)
-    # Temperature and filters keep the top token, so the scaled maximum is max / T.
-    token, sample_log_z = _categorical(sample_logits, max_r1 / options.temperature, key)
-    return (token, _logit_of(sample_logits, token) - sample_log_z,
-            _logit_of(logits_rv, token) - _log_z(logits_rv, max_r1))
 
 
 # ------------------------------------------------------------------------------ rollout pytrees
@@ -234,10 +72,16 @@ class Rollout:
     sample_logprobs: jax.Array  # [R, N] fp32: log-prob under the sampling distribution
     policy_logprobs: jax.Array  # [R, N] fp32: log-prob under the T=1 policy
     stopped: jax.Array  # [R] bool: ended with a stop token (else it hit the length limit)
+    slot_steps: jax.Array  # [] int32: decode slots x loop steps the program ran
 
     @property
     def response_lengths(self) -> jax.Array:
         return jnp.sum(self.response_mask, axis=-1)
+
+    def slot_utilisation(self) -> float:
+        """The fraction of slot-steps that produced a kept token."""
+        kept = np.sum(to_host(self.response_mask))
+        return float(kept / max(1, int(to_host(self.slot_steps))))
 
     def finish_reasons(self) -> list[str]:
         return ["stop" if s else "length" for s in to_host(self.stopped)]
@@ -274,7 +118,7 @@ def _record(state: DecodeState, token_r, sample_logp_r, policy_logp_r, stop_ids,
         column = jnp.where(active_r, column_r, 0).astype(buffer_rn.dtype)
         return jax.lax.dynamic_update_slice_in_dim(buffer_rn, column[:, None], state.step, 1)
 
-    is_stop = jnp.isin(token_r, jnp.asarray(stop_ids, jnp.int32)) if stop_ids else False
+    stops = is_stop(token_r, stop_ids)
     return state.replace(
         step=state.step + 1,
         tokens_rn=jax.lax.dynamic_update_slice_in_dim(state.tokens_rn, token_r[:, None],
@@ -282,7 +126,7 @@ def _record(state: DecodeState, token_r, sample_logp_r, policy_logp_r, stop_ids,
         sample_logp_rn=put(state.sample_logp_rn, sample_logp_r),
         policy_logp_rn=put(state.policy_logp_rn, policy_logp_r),
         length_r=state.length_r + active_r.astype(jnp.int32),
-        done_r=state.done_r | (active_r & is_stop))
+        done_r=state.done_r | (active_r & stops))
 
 
 def _initial_state(cache: DecodeCache, real_r, width: int, pad_id: int) -> DecodeState:
@@ -294,20 +138,7 @@ def _initial_state(cache: DecodeCache, real_r, width: int, pad_id: int) -> Decod
         length_r=jnp.zeros((rows,), jnp.int32), done_r=~real_r, cache=cache)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Static:
-    """Everything about a sampler program that is fixed at compile time (hashable)."""
-
-    cfg: LlamaConfig
-    options: SamplingOptions
-    n: int
-    width: int
-    stop_ids: tuple[int, ...]
-    pad_id: int
-    mesh: Optional[Mesh]
-
-
-def _decode_loop(params, layers, static: _Static, state: DecodeState, prompt_len_r, key, limit):
+def _decode_loop(params, layers, static: SamplerStatic, state: DecodeState, prompt_len_r, key, limit):
     """Samples until every row is done or `limit` tokens exist (no host round-trip)."""
     def keep_going(s: DecodeState):
         return (s.step < limit) & ~jnp.all(s.done_r)
@@ -322,20 +153,9 @@ def _decode_loop(params, layers, static: _Static, state: DecodeState, prompt_len
     return jax.lax.while_loop(keep_going, one_token, state)
 
 
-@struct.dataclass
-class Generated:
-    """What the program returns: the response columns of a `Rollout`."""
-
-    response_ids: jax.Array
-    response_mask: jax.Array
-    sample_logprobs: jax.Array
-    policy_logprobs: jax.Array
-    stopped: jax.Array
-
-
 @functools.partial(jax.jit, static_argnames=("static",))
 def _sample_program(params_and_layers, prefix_c, prompt_bp, mask_bp, real_b, key, max_new_tokens,
-                    static: _Static) -> Generated:
+                    static: SamplerStatic) -> Generated:
     compiles.record("sampler", f"prefix {prefix_c.shape[0]}, prompts {list(prompt_bp.shape)}, "
                                f"n {static.n}")
     cfg, mesh, n = static.cfg, static.mesh, static.n
@@ -354,7 +174,7 @@ def _sample_program(params_and_layers, prefix_c, prompt_bp, mask_bp, real_b, key
         response_ids=rows(state.tokens_rn),
         response_mask=rows(jnp.arange(static.width)[None, :] < state.length_r[:, None]),
         sample_logprobs=rows(state.sample_logp_rn), policy_logprobs=rows(state.policy_logp_rn),
-        stopped=rows(state.done_r))
+        stopped=rows(state.done_r), slot_steps=state.step * state.done_r.shape[0])
 
 
 # ------------------------------------------------------------------------------ host-side entry
@@ -448,15 +268,25 @@ def default_stop_ids(tokenizer, extra: Sequence[int] = ()) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
+def sampler_program(config: SamplerConfig):
+    """The jitted program of `config.engine` (arguments as `_sample_program`'s)."""
+    return continuous.continuous_program if config.engine == "continuous" else _sample_program
+
+
 def sampler_static(cfg: LlamaConfig, mesh: Optional[Mesh], config: SamplerConfig, n: int,
-                   stop_ids: Sequence[int], pad_id: int) -> _Static:
-    """The compile-time part of a sampler program."""
+                   stop_ids: Sequence[int], pad_id: int, rows: int = 0,
+                   platform: Optional[str] = None) -> SamplerStatic:
+    """The compile-time part of a sampler program; `rows` (prompt slots x n) sizes the
+    continuous engine's slots for `platform` (default: this process's backend)."""
     dtype = config.compute_dtype or cfg.compute_dtype
-    return _Static(cfg=cfg.replace(compute_dtype=dtype, remat="none"),
-                   options=SamplingOptions.from_config(config), n=n,
-                   width=bucket(config.max_new_tokens, config.min_bucket),
-                   stop_ids=tuple(sorted(set(int(i) for i in stop_ids))), pad_id=int(pad_id),
-                   mesh=mesh)
+    slotted = config.engine == "continuous"
+    return SamplerStatic(
+        cfg=cfg.replace(compute_dtype=dtype, remat="none"),
+        options=SamplingOptions.from_config(config), n=n,
+        width=bucket(config.max_new_tokens, config.min_bucket),
+        stop_ids=tuple(sorted(set(int(i) for i in stop_ids))), pad_id=int(pad_id), mesh=mesh,
+        slots=continuous.slot_count(config, rows, mesh, platform) if slotted else 0,
+        groups=batch_size_multiple(mesh) if slotted and mesh is not None else 1)
 
 
 def sample(params: Params, cfg: LlamaConfig, mesh: Optional[Mesh],
@@ -474,7 +304,9 @@ def sample(params: Params, cfg: LlamaConfig, mesh: Optional[Mesh],
         raise ValueError(f"generate: n must be >= 1, got {n}")
     prompts = check_prompts(prompts, config)
     width = padded_prompt_width(prompts, config, prompt_width)
-    batch = batch_bucket(len(prompts), n, mesh)
+    slotted = config.engine == "continuous"
+    # The continuous engine schedules whole prompts per batch shard: B splits over the mesh.
+    batch = batch_bucket(len(prompts), 1 if slotted else n, mesh)
     # A shared prefix changes slot distances, which sliding windows compare: not for those.
     # cuDNN's kernel masks by lengths only, so it cannot attend past a prefix either.
     share = (config.share_prompt_prefix and cfg.sliding_window is None
@@ -483,8 +315,8 @@ def sample(params: Params, cfg: LlamaConfig, mesh: Optional[Mesh],
     # The prefix and the rest fill exactly `width` cache slots, as the whole prompts would.
     rest_bp, rest_mask_bp = left_pad([p[prefix_len:] for p in prompts], width - prefix_len,
                                      pad_id, batch)
-    static = sampler_static(cfg, mesh, config, n, stop_ids, pad_id)
-    generated = _sample_program(
+    static = sampler_static(cfg, mesh, config, n, stop_ids, pad_id, rows=batch * n)
+    generated = sampler_program(config)(
         decode_params(params, static.cfg, mesh), jnp.asarray(prompts[0][:prefix_len], jnp.int32),
         _on_mesh(rest_bp, mesh), _on_mesh(rest_mask_bp, mesh),
         _on_mesh(np.arange(batch) < len(prompts), mesh), key, jnp.int32(config.max_new_tokens),
@@ -531,7 +363,7 @@ def _on_mesh(x: np.ndarray, mesh: Optional[Mesh]) -> jax.Array:
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _trim(rollout: Rollout, rows: int, columns: int) -> Rollout:
     """Drops the rows and response columns that only exist to fill a bucket."""
-    trimmed = jax.tree.map(lambda x: x[:rows], rollout)
+    trimmed = jax.tree.map(lambda x: x[:rows] if x.ndim else x, rollout)
     return trimmed.replace(**{name: getattr(trimmed, name)[:, :columns] for name in (
         "response_ids", "response_mask", "sample_logprobs", "policy_logprobs")})
 

@@ -218,6 +218,8 @@ def sample_and_score(ctx: RunContext, params, examples: list, key) -> tuple[Any,
     rewards, reward_metrics = distributed.score_batch(texts, rows, lengths, ctx.config)
     reward_metrics["time/sample"] = sampled - start
     reward_metrics["time/reward"] = time.perf_counter() - sampled
+    # Kept tokens per decode slot-step: how much of the sampler's decoding produced a token.
+    reward_metrics["rollout/slot_utilisation"] = rollout.slot_utilisation()
     return batch_lib.from_rollout(rollout, examples, n, texts, rewards), reward_metrics
 
 

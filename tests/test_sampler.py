@@ -191,12 +191,14 @@ def base_sample(prompts=PREFIXED, key=0, config=BASE, mesh=None, prompt_width=No
                           config, 2, (1,), PAD, prompt_width)
 
 
-def test_stop_tokens_mask_and_padding_when_eos_is_pad():
+@pytest.mark.parametrize("engine", ["continuous", "static"])
+def test_stop_tokens_mask_and_padding_when_eos_is_pad(engine):
     """Stop ids include the pad id (SmolLM2: EOS = PAD): the mask covers each response up to and
     including its first stop token; everything after it is padding outside the mask."""
     cfg = tiny_config("llama")
-    stop_ids = tuple(range(0, cfg.vocab_size, 5))  # ~20% of tokens stop: rows end early
-    rollout = sampler.sample(tiny_params(cfg), cfg, None, PROMPTS, jax.random.key(3), BASE,
+    stop_ids = tuple(range(0, cfg.vocab_size, 13))  # ~8% of tokens stop: some rows end early
+    config = dataclasses.replace(BASE, engine=engine, slots=5)
+    rollout = sampler.sample(tiny_params(cfg), cfg, None, PROMPTS, jax.random.key(3), config,
                              n=4, stop_ids=stop_ids, pad_id=PAD)
     ids, mask = np.asarray(rollout.response_ids), np.asarray(rollout.response_mask)
     lengths, stopped = mask.sum(1), np.asarray(rollout.stopped)
@@ -310,6 +312,82 @@ def test_mesh_output_equals_single_device_output():
         np.testing.assert_array_equal(getattr(sharded, name), getattr(single, name), name)
     for name in ("sample_logprobs", "policy_logprobs"):
         np.testing.assert_allclose(getattr(sharded, name), getattr(single, name), atol=1e-5)
+
+
+def test_mesh_continuous_engine_schedules_each_shard_and_matches_single_device():
+    """Slots split into one group per batch shard (4 here), each refilled from its own
+    prompts' items: the tokens equal the single-device engine's with other slot counts."""
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    config = dataclasses.replace(BASE, slots=4)  # one slot per shard: every item is a refill
+    prompts = PREFIXED + [SYSTEM + [77, 78]]
+    sharded = base_sample(prompts, key=5, mesh=mesh, config=config)
+    single = base_sample(prompts, key=5, config=dataclasses.replace(BASE, slots=3))
+    for name in ("response_ids", "response_mask", "stopped"):
+        np.testing.assert_array_equal(getattr(sharded, name), getattr(single, name), name)
+    np.testing.assert_allclose(sharded.policy_logprobs, single.policy_logprobs, atol=1e-5)
+
+
+# -------------------------------------------------------------------------- continuous engine
+
+# Prompts whose greedy responses end at 1..12 tokens (stop ids: every 7th token) or at the cap.
+VARIED = [[5, 17, 99, 3], [42, 8, 250, 61, 7, 19, 23], [200], [9, 9], [31, 4, 160],
+          [77] * 11, [12, 130, 6, 201, 44], [250, 3]]
+EVERY_7TH = tuple(range(0, 256, 7))
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_continuous_greedy_equals_static_for_widely_varying_lengths(family):
+    """Every prompt of the batch, with 1, 3 and 16 slots (every item refilled into a used slot;
+    a few refills; no refill): the static batch's tokens, lengths, stops and log-probs."""
+    cfg = tiny_config(family)
+    greedy = dataclasses.replace(BASE, temperature=0.0, max_new_tokens=12)
+    run = lambda **kw: sampler.sample(tiny_params(cfg), cfg, None, VARIED, jax.random.key(0),  # noqa
+                                      dataclasses.replace(greedy, **kw), 2, EVERY_7TH, PAD)
+    static = run(engine="static")
+    lengths = np.asarray(static.response_lengths)
+    assert lengths.min() <= 3 and lengths.max() == 12 and len(set(lengths.tolist())) >= 4
+    for slots in (1, 3, 16):
+        slotted = run(slots=slots)
+        for name in ("response_ids", "response_mask", "stopped"):
+            np.testing.assert_array_equal(getattr(slotted, name), getattr(static, name),
+                                          f"{slots} slots: {name}")
+        np.testing.assert_allclose(slotted.policy_logprobs, static.policy_logprobs, atol=1e-5)
+
+
+def test_continuous_sampled_logprobs_equal_teacher_forcing_and_ignore_slot_count():
+    """Sampling (T=0.8, top-k, top-p) with refills: each item's draws come from its own key, so
+    2 and 5 slots give the same tokens; both log-probs equal a fresh forward to 1e-4."""
+    cfg = tiny_config("llama")
+    params = tiny_params(cfg)
+    run = lambda slots: sampler.sample(params, cfg, None, VARIED, jax.random.key(2),  # noqa
+                                       dataclasses.replace(BASE, slots=slots), 3, EVERY_7TH, PAD)
+    two, five = run(2), run(5)
+    np.testing.assert_array_equal(two.response_ids, five.response_ids)
+    np.testing.assert_allclose(two.sample_logprobs, five.sample_logprobs, atol=1e-5)
+    logits = full_logits(params, cfg, two)
+    mask, tokens = np.asarray(two.response_mask), np.asarray(two.response_ids)[..., None]
+    policy = np.take_along_axis(log_softmax(logits), tokens, -1)[..., 0]
+    np.testing.assert_allclose(np.asarray(two.policy_logprobs)[mask], policy[mask], atol=1e-4)
+    reference = reference_sampling_logp(logits, BASE.temperature, BASE.top_k, BASE.top_p)
+    sampled = np.take_along_axis(reference, tokens, -1)[..., 0]
+    np.testing.assert_allclose(np.asarray(two.sample_logprobs)[mask], sampled[mask], atol=1e-4)
+    assert np.all(np.asarray(two.sample_logprobs)[~mask] == 0)
+
+
+def test_slot_utilisation_counts_kept_tokens_per_slot_step():
+    """One slot decodes one item after another with no idle step: utilisation 1 and as many
+    slot-steps as kept tokens. The static batch spends (prompt bucket x n) rows x its longest
+    response."""
+    cfg = tiny_config("llama")
+    run = lambda **kw: sampler.sample(  # noqa: E731
+        tiny_params(cfg), cfg, None, VARIED, jax.random.key(0),
+        dataclasses.replace(BASE, temperature=0.0, max_new_tokens=12, **kw), 2, EVERY_7TH, PAD)
+    one, static = run(slots=1), run(engine="static")
+    kept = int(np.asarray(one.response_mask).sum())
+    assert int(one.slot_steps) == kept and one.slot_utilisation() == 1.0
+    longest = int(np.asarray(static.response_lengths).max())
+    assert int(static.slot_steps) == 16 * longest
+    assert static.slot_utilisation() == pytest.approx(kept / (16 * longest))
 
 
 # ------------------------------------------------------------------------------------- errors
