@@ -1,7 +1,8 @@
 """Rollout generation speed, SmolLM2-135M-Instruct: jaxcov sampler vs transformers `generate`.
 
     python bench/bench_sampler.py [--batch 16 --new-tokens 64 --repeats 3 --threads 2
-                                   --dtypes float32,bfloat16 --skip-torch]
+                                   --dtypes float32,bfloat16 --engines continuous,static
+                                   --skip-torch]
 
 Both sides sample at T=1 (no top-k / top-p) from the same weights (the embedded GGUF), on the
 same left-padded batch of chat prompts, and generate exactly --new-tokens tokens per row (no
@@ -44,7 +45,7 @@ def _timed(fn):
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def jax_runner(args, prompts, dtype):
+def jax_runner(args, prompts, dtype, engine):
     """A no-argument function that samples the batch once (fresh key per call), and the model."""
     import jax
 
@@ -54,7 +55,7 @@ def jax_runner(args, prompts, dtype):
 
     model = load_model("smollm2-135m-instruct", with_tokenizer=False)
     config = SamplerConfig(max_new_tokens=args.new_tokens, temperature=1.0,
-                           compute_dtype=dtype, max_prompt_len=256)
+                           compute_dtype=dtype, max_prompt_len=256, engine=engine)
     keys = iter(jax.random.split(jax.random.key(0), 1000))
 
     def run():
@@ -98,6 +99,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="jaxcov compute dtypes")
+    parser.add_argument("--engines", default="continuous,static", help="jaxcov sampler engines")
     parser.add_argument("--skip-torch", action="store_true")
     args = parser.parse_args()
 
@@ -112,10 +114,11 @@ def main():
           f"load average before: {os.getloadavg()[0]:.1f}")
     runners, compile_s = {}, {}
     for dtype in args.dtypes.split(","):
-        name = f"jaxcov sampler ({dtype})"
-        runners[name] = jax_runner(args, prompts, dtype)
-        first, _ = _timed(runners[name])
-        compile_s[name] = first
+        for engine in args.engines.split(","):
+            name = f"jaxcov {engine} ({dtype})"
+            runners[name] = jax_runner(args, prompts, dtype, engine)
+            first, _ = _timed(runners[name])
+            compile_s[name] = first
     if not args.skip_torch:
         peer_name = f"transformers generate (fp32, {args.threads} threads)"
         runners[peer_name] = torch_runner(args, prompts)

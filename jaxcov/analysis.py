@@ -39,6 +39,18 @@ DEFAULT_FIT_PERCENT = 15.0
 
 PLOT_FILES = {"fit": "reward_vs_entropy.png", "entropy": "entropy_vs_step.png",
               "dH": "dH_measured_vs_predicted.png"}
+LEMMA_PLOT = "dH_lemma.png"  # only for runs that logged the lemma's predictions
+
+# The predictions of the measured dH a run may have logged (`jaxcov.instrument`): the lemma's
+# two forms from the real logit change, then the algorithmic forms from the advantages.
+DH_PREDICTIONS = {"first order": "entropy/dH_first_order", "midpoint": "entropy/dH_midpoint",
+                  "natural PG (-lr Cov(log pi, A))": PREDICTED_DH_KEY,
+                  "vanilla PG (-lr Cov(log pi, pi A))": "entropy/pred_dH_pg"}
+TOKEN_PREDICTIONS = {"first order": "first_order", "midpoint": "midpoint"}
+SHARE_KEYS = {"selected (Clip-Cov / KL-Cov)": "entropy/dH_share_selected",
+              "top 0.2% by Cov": "entropy/dH_share_top0.2pct",
+              "top 2% by Cov": "entropy/dH_share_top2pct"}
+TOKENS_FILE = "entropy_tokens.jsonl"  # jaxcov.instrument.TOKENS_FILE
 
 
 class AnalysisError(ConfigError):
@@ -93,6 +105,23 @@ def correlation(x: Sequence[float], y: Sequence[float]) -> Optional[float]:
     return float(np.corrcoef(x, y)[0, 1])
 
 
+@dataclasses.dataclass(frozen=True)
+class Agreement:
+    """How well a prediction tracks the measured dH: Pearson r and the least-squares slope of
+    measured on predicted (1: the right scale), over n points."""
+
+    r: Optional[float]
+    slope: Optional[float]
+    n: int
+
+
+def agreement(predicted, measured) -> Agreement:
+    p, m = np.asarray(predicted, float), np.asarray(measured, float)
+    r = correlation(p, m)
+    slope = None if r is None else float(np.cov(p, m, bias=True)[0, 1] / np.var(p))
+    return Agreement(r, slope, len(p))
+
+
 # ------------------------------------------------------------------------------- loading runs
 
 
@@ -105,6 +134,7 @@ class RunSeries:
     records: list[dict]            # RL step records (step >= 1), one per step
     eval_records: list[dict]       # records with held-out eval metrics (step 0 included)
     planned_steps: Optional[int]   # train.steps of the run's config.yaml, when there is one
+    tokens: dict = dataclasses.field(default_factory=dict)  # TOKENS_FILE columns, pooled
 
     def column(self, key: str) -> tuple[np.ndarray, np.ndarray]:
         """(steps, values) of the steps where `key` has a finite value."""
@@ -153,7 +183,20 @@ def load_run(run_dir: str, required: Sequence[str] = REQUIRED_KEYS) -> RunSeries
             raise AnalysisError(f"{path}: steps {_ranges(lacking)} lack the metric '{key}'")
     evals = [by_step[s] for s in sorted(by_step) if any(k.startswith("eval/") for k in by_step[s])]
     name = os.path.basename(os.path.normpath(run_dir))
-    return RunSeries(name, run_dir, records, evals, _planned_steps(run_dir))
+    return RunSeries(name, run_dir, records, evals, _planned_steps(run_dir),
+                     _token_columns(run_dir, {r["step"] for r in records}))
+
+
+def _token_columns(run_dir: str, steps: set) -> dict:
+    """The sampled positions of TOKENS_FILE, pooled over `steps` (a resumed run's rewritten
+    step counts once: its last line)."""
+    path = os.path.join(run_dir, TOKENS_FILE)
+    if not os.path.exists(path):
+        return {}
+    by_step = {r["step"]: r for r in read_metrics(path) if r.get("step") in steps}
+    names = ("measured",) + tuple(TOKEN_PREDICTIONS.values())
+    return {k: np.concatenate([np.asarray(by_step[s].get(k, []), float) for s in sorted(by_step)]
+                              or [np.zeros(0)]) for k in names}
 
 
 def _ranges(steps: list[int]) -> str:
@@ -186,6 +229,9 @@ class RunAnalysis:
     dh_correlation: Optional[float]
     dh_sign_agreement: float
     positive_cov_fraction: float
+    lemma_steps: dict      # DH_PREDICTIONS name -> Agreement per step (those the run logged)
+    lemma_tokens: dict     # TOKEN_PREDICTIONS name -> Agreement over the sampled positions
+    dh_shares: dict        # SHARE_KEYS name -> mean over steps
 
     @property
     def name(self) -> str:
@@ -213,7 +259,21 @@ def analyze_run(series: RunSeries, fit_percent: float = DEFAULT_FIT_PERCENT) -> 
         constant_rmse=rmse(np.full(len(h) - n_early, r[:n_early].mean()), r[n_early:]),
         dh_correlation=correlation(measured, predicted),
         dh_sign_agreement=_fraction(np.sign(measured) == np.sign(predicted)),
-        positive_cov_fraction=_fraction(cov > 0))
+        positive_cov_fraction=_fraction(cov > 0), **lemma_statistics(series))
+
+
+def lemma_statistics(series: RunSeries) -> dict:
+    """RunAnalysis' lemma_steps, lemma_tokens and dh_shares (empty for a run without them)."""
+    steps = {}
+    for name, key in DH_PREDICTIONS.items():
+        _, measured, predicted = series.paired(MEASURED_DH_KEY, key)
+        if len(measured):
+            steps[name] = agreement(predicted, measured)
+    tokens = {name: agreement(series.tokens[key], series.tokens["measured"])
+              for name, key in TOKEN_PREDICTIONS.items() if len(series.tokens.get(key, ()))}
+    shares = {name: _mean(series.column(key)[1]) for name, key in SHARE_KEYS.items()
+              if len(series.column(key)[1])}
+    return {"lemma_steps": steps, "lemma_tokens": tokens, "dh_shares": shares}
 
 
 def _fraction(flags: np.ndarray) -> float:
@@ -304,10 +364,35 @@ def plot_entropy_change(analyses: list[RunAnalysis], out_dir: str) -> str:
                    f"measured dH ({MEASURED_DH_KEY})", out_dir, PLOT_FILES["dH"])
 
 
+def plot_lemma(analyses: list[RunAnalysis], out_dir: str) -> Optional[str]:
+    """Measured dH against the lemma's predictions, per step and per sampled token."""
+    with_lemma = [run for run in analyses if run.lemma_steps.get("first order")]
+    if not with_lemma:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for run in with_lemma:
+        for name, key in TOKEN_PREDICTIONS.items():
+            _, measured, predicted = run.series.paired(MEASURED_DH_KEY, DH_PREDICTIONS[name])
+            axes[0].scatter(predicted, measured, s=14, label=f"{run.name}, {name}")
+            if len(run.series.tokens.get(key, ())):
+                axes[1].scatter(run.series.tokens[key], run.series.tokens["measured"], s=4,
+                                alpha=0.5, label=f"{run.name}, {name}")
+    for ax, title in zip(axes, ("per step (means over response tokens)", "per token (sampled)")):
+        low, high = ax.get_xlim()
+        ax.plot([low, high], [low, high], color="grey", lw=0.8, label="measured = predicted")
+        ax.set_title(title)
+        ax.set_xlabel("predicted dH")
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel(f"measured dH ({MEASURED_DH_KEY})")
+    return _finish(plt, fig, axes[1], "predicted dH", "measured dH", out_dir, LEMMA_PLOT)
+
+
 def write_analysis_plots(analyses: list[RunAnalysis], out_dir: str) -> list[str]:
     os.makedirs(out_dir, exist_ok=True)
-    return [plot_fits(analyses, out_dir), plot_entropy(analyses, out_dir),
-            plot_entropy_change(analyses, out_dir)]
+    plots = [plot_fits(analyses, out_dir), plot_entropy(analyses, out_dir),
+             plot_entropy_change(analyses, out_dir), plot_lemma(analyses, out_dir)]
+    return [p for p in plots if p]
 
 
 # ------------------------------------------------------------------------------------ report
@@ -370,6 +455,36 @@ def entropy_section(analyses: list[RunAnalysis]) -> str:
     return "## Entropy change and covariance\n\n" + "\n".join(rows) + "\n"
 
 
+def _agreement_cells(a: Optional[Agreement]) -> str:
+    if a is None:
+        return "- | - | -"
+    return f"{_num(a.r, '+.3f')} | {_num(a.slope, '.3f')} | {a.n}"
+
+
+def lemma_section(analyses: list[RunAnalysis]) -> str:
+    """Measured dH against each prediction the run logged, and where the change sits."""
+    rows = ["| run | prediction | r per step | slope per step | steps | r per token | "
+            "slope per token | tokens |", "|---|---|---|---|---|---|---|---|"]
+    for run in analyses:
+        for name, steps in run.lemma_steps.items():
+            rows.append(f"| {run.name} | {name} | {_agreement_cells(steps)} | "
+                        f"{_agreement_cells(run.lemma_tokens.get(name))} |")
+    if len(rows) == 2:
+        return ""
+    shares = ["| run | " + " | ".join(SHARE_KEYS) + " |", "|---" * (len(SHARE_KEYS) + 1) + "|"]
+    for run in analyses:
+        if run.dh_shares:
+            shares.append(f"| {run.name} | " + " | ".join(
+                _num(run.dh_shares.get(name), ".1%") for name in SHARE_KEYS) + " |")
+    text = ("## The lemma: measured dH against its predictions\n\n"
+            "Slope: least squares of measured on predicted (1 is the right scale).\n\n"
+            + "\n".join(rows) + "\n")
+    if len(shares) > 2:
+        text += ("\n### Where the entropy change sits (share of the step's summed measured dH, "
+                 "mean over steps)\n\n" + "\n".join(shares) + "\n")
+    return text
+
+
 def eval_section(analyses: list[RunAnalysis]) -> str:
     rows = []
     for run in analyses:
@@ -403,7 +518,8 @@ def plots_section(plot_paths: list[str]) -> str:
 def report_sections(analyses: list[RunAnalysis], plot_paths: list[str],
                     fit_percent: float) -> list[str]:
     sections = [status_section(analyses), method_section(fit_percent), fits_section(analyses),
-                entropy_section(analyses), eval_section(analyses), plots_section(plot_paths)]
+                entropy_section(analyses), lemma_section(analyses), eval_section(analyses),
+                plots_section(plot_paths)]
     return [s for s in sections if s]
 
 
@@ -433,8 +549,15 @@ def summary_lines(analyses: list[RunAnalysis]) -> list[str]:
             f"rmse={run.full_rmse:.4g} | first {e.n_points}: a={e.a:.4g} b={e.b:.4g} "
             f"ceiling={e.ceiling:.4g} rmse(rest)={run.early_rmse:.4g} "
             f"final err={run.early_final_error:+.4g} | corr(dH)={_num(run.dh_correlation, '+.3f')} "
-            f"cov>0 {_num(run.positive_cov_fraction, '.0%')}" + _incomplete(run.series))
+            f"cov>0 {_num(run.positive_cov_fraction, '.0%')}" + _lemma_summary(run)
+            + _incomplete(run.series))
     return lines
+
+
+def _lemma_summary(run: RunAnalysis) -> str:
+    parts = [f"{name}: r={_num(a.r, '+.3f')} slope={_num(a.slope, '.3f')}"
+             for name, a in run.lemma_steps.items() if name in TOKEN_PREDICTIONS]
+    return (" | dH per step, " + ", ".join(parts)) if parts else ""
 
 
 def _incomplete(series: RunSeries) -> str:

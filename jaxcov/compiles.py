@@ -20,7 +20,7 @@ from typing import Callable, Iterator, Optional
 import jax
 
 # The programs whose counts are metrics (`<name>/compiles`), also when still 0.
-PROGRAMS = ("sampler", "score", "update")
+PROGRAMS = ("sampler", "score", "update", "entropy")
 
 _COUNTS: collections.Counter = collections.Counter()
 _LAST_SHAPE: dict[str, str] = {}

@@ -356,7 +356,9 @@ class SamplerConfig:
         (`jaxcov.continuous`); "static": one row per item, decoded until the longest ends.
         Both give the same greedy tokens.
       slots: the continuous engine's decode slots (its KV memory is slots x (prompt + response
-        buckets)); 0: one per row on an accelerator, 16 on CPU.
+        buckets)); 0: one per row. Fewer slots than rows bound the KV memory: ended items
+        make room for waiting ones. Once the queue is empty the loop sheds the ended slots
+        (half, then a quarter of them).
     """
 
     max_new_tokens: int = 512
@@ -436,6 +438,12 @@ class TrainConfig:
       export_hf: export the final policy as an HF directory run_dir/hf.
       tensorboard: write TensorBoard events; wandb_project: log to W&B when installed.
       progress: show a progress bar.
+      entropy_instrument: after each step's updates, compare the logits before and after over
+        the whole vocabulary at every response position: the measured entropy change next to
+        the lemma's first-order prediction -Cov(log pi, dz) and its midpoint form, and where
+        the change sits (`entropy/dH_*`, `jaxcov.entropy`). Off: only the entropy after.
+      entropy_rows: rows of the step batch the instrument reads (a fixed random subset per
+        step; the default 8 is a quarter of the default run's 32 rows, bench/RESULTS.md); 0: all.
     """
 
     steps: int = 20
@@ -458,6 +466,8 @@ class TrainConfig:
     tensorboard: bool = True
     wandb_project: str = ""
     progress: bool = True
+    entropy_instrument: bool = True
+    entropy_rows: int = 8
 
     @property
     def checkpoints(self) -> str:
@@ -469,7 +479,7 @@ class TrainConfig:
                     "keep_checkpoints", "eval_samples", "max_bad_steps"):
             _require(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
         for key in ("micro_batch_size", "max_resample_rounds", "checkpoint_every", "eval_every",
-                    "eval_examples"):
+                    "eval_examples", "entropy_rows"):
             _require(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
         _require(self.mini_batch_prompts <= self.prompts_per_step, "mini_batch_prompts",
                  f"({self.mini_batch_prompts}) must be <= prompts_per_step "

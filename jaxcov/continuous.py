@@ -41,19 +41,19 @@ from jaxcov.models.decode import EMPTY, DecodeCache, decode_step, prefill
 from jaxcov.sampling import Generated, SamplerStatic, is_stop, sample_tokens
 from jaxcov.sharding import batch_size_multiple, constrain
 
-AUTO_SLOTS_CPU = 16  # `sampler.slots: 0` on CPU (bench/RESULTS.md, continuous engine)
+# The loop's phases: all slots while the queue lasts, then half, then a quarter as items end.
+# A phase is another copy of the decode step in the program (compile time), and the cheaper
+# step pays off where a step costs about its rows (CPU) or its KV reads (long responses).
+DRAIN_PHASES = 3
 
 
-def slot_count(config: SamplerConfig, rows: int, mesh: Optional[Mesh],
-               platform: Optional[str] = None) -> int:
-    """Decode slots for `rows` work items: `config.slots`, or with 0 one per row on an
-    accelerator (decode reads the weights once per step whatever the row count) and
-    AUTO_SLOTS_CPU on CPU (where a step costs about its rows); rounded up to a multiple of the
-    batch shards and at most one per row."""
+def slot_count(config: SamplerConfig, rows: int, mesh: Optional[Mesh]) -> int:
+    """Decode slots for `rows` work items: `config.slots`, or with 0 one per row (a decode step
+    pays a fixed cost, reading the weights, whatever its rows, so the fewest steps win; the
+    drain phases then shed the rows that ended, bench/RESULTS.md), rounded up to a multiple of
+    the batch shards and at most one per row."""
     groups = batch_size_multiple(mesh) if mesh is not None else 1
-    on_cpu = (platform or jax.default_backend()) == "cpu"
-    slots = config.slots or (AUTO_SLOTS_CPU if on_cpu else rows)
-    slots = min(slots, rows)
+    slots = min(config.slots or rows, rows)
     return -(-slots // groups) * groups
 
 
@@ -93,6 +93,7 @@ class SlotState:
     cache: DecodeCache  # L x [R, K, Q + N, E]; `end` [R]
     out: Outputs
     steps: jax.Array  # [] int32: loop iterations
+    slot_steps: jax.Array  # [] int32: slots x iterations, summed over the drain phases
 
 
 def _group_take(x_b: jax.Array, local_r: jax.Array, groups: int) -> jax.Array:
@@ -112,7 +113,8 @@ def _refill(s: SlotState, prompts: PromptCache, static: SamplerStatic) -> SlotSt
     take_dr = free_dr & (local_dr < prompts.items_d[:, None])
     take_r, local_r = take_dr.reshape(-1), local_dr.reshape(-1)
     local_prompt_r = jnp.minimum(local_r // n, prompts_per_group - 1)
-    group_r = jnp.arange(static.slots) // (static.slots // D)
+    R = s.free_r.shape[0]
+    group_r = jnp.arange(R) // (R // D)
     Q = prompts.positions_bq.shape[1]
 
     def fill(slot_rkse, prompt_bkqe):  # the prompt slots of the rows that take an item
@@ -176,7 +178,8 @@ def _one_token(params, layers, prompts: PromptCache, key, limit, static: Sampler
     ring_slot = Q + s.steps % static.width
     logits_rv, cache = decode_step(params, layers, static.cfg, token_r, position_r,
                                    s.cache.replace(end=ring_slot), static.mesh)
-    return s.replace(logits_rv=logits_rv, cache=cache, steps=s.steps + 1)
+    return s.replace(logits_rv=logits_rv, cache=cache, steps=s.steps + 1,
+                     slot_steps=s.slot_steps + token_r.shape[0])
 
 
 def _initial_state(prompts: PromptCache, rows: int, static: SamplerStatic) -> SlotState:
@@ -196,7 +199,34 @@ def _initial_state(prompts: PromptCache, rows: int, static: SamplerStatic) -> Sl
                      length_r=jnp.zeros((R,), jnp.int32), free_r=jnp.ones((R,), bool),
                      next_d=jnp.zeros((static.groups,), jnp.int32),
                      logits_rv=jnp.zeros((R, prompts.logits_bv.shape[1]), jnp.float32),
-                     cache=cache, out=out, steps=jnp.zeros((), jnp.int32))
+                     cache=cache, out=out, steps=jnp.zeros((), jnp.int32),
+                     slot_steps=jnp.zeros((), jnp.int32))
+
+
+def drain_phases(slots: int, groups: int) -> tuple[int, ...]:
+    """Slot counts of the loop's phases: `slots`, then halved (DRAIN_PHASES in all, each a
+    multiple of `groups`) once the queue is empty and the live items fit the smaller count."""
+    phases = [slots]
+    while len(phases) < DRAIN_PHASES and phases[-1] // 2 % groups == 0 and phases[-1] // 2:
+        phases.append(phases[-1] // 2)
+    return tuple(phases)
+
+
+def _live_d(s: SlotState, groups: int) -> jax.Array:
+    return jnp.sum(~s.free_r.reshape(groups, -1), axis=1, dtype=jnp.int32)
+
+
+def _compact(s: SlotState, slots: int, groups: int) -> SlotState:
+    """The state with `slots` slots: each group keeps its live slots (at most slots / groups,
+    the phase's entry condition), gathered inside the group; the per-item outputs stay put."""
+    keep_dr = jnp.argsort(s.free_r.reshape(groups, -1), axis=1, stable=True)
+    keep_r = keep_dr[:, :slots // groups].reshape(-1)
+    take = lambda x: _group_take(x, keep_r, groups)  # noqa: E731
+    cache = s.cache.replace(k=tuple(map(take, s.cache.k)), v=tuple(map(take, s.cache.v)),
+                            positions_rs=take(s.cache.positions_rs))
+    return s.replace(item_r=take(s.item_r), prompt_r=take(s.prompt_r),
+                     length_r=take(s.length_r), free_r=take(s.free_r),
+                     logits_rv=take(s.logits_rv), cache=cache)
 
 
 def _prefill_prompts(params, layers, static: SamplerStatic, prefix_c, prompt_bp, mask_bp,
@@ -222,12 +252,23 @@ def continuous_program(params_and_layers, prefix_c, prompt_bp, mask_bp, real_b, 
     rows = prompt_bp.shape[0] * static.n
     limit = jnp.minimum(max_new_tokens, static.width)
     step = functools.partial(_one_token, params, layers, prompts, key, limit, static)
-    busy = lambda s: jnp.any(~s.free_r) | _queue_left(s, prompts, static.groups)  # noqa: E731
-    s = jax.lax.while_loop(busy, step, _initial_state(prompts, rows, static))
+    D = static.groups
+    phases = drain_phases(static.slots, D)
+    s = _initial_state(prompts, rows, static)
+    for i, slots in enumerate(phases):
+        if i:
+            s = _compact(s, slots, D)
+        # Leave for the next phase once the queue is empty and each group's live items fit it.
+        fits = phases[i + 1] // D if i + 1 < len(phases) else -1
+
+        def in_phase(s, fits=fits):
+            queue_left = _queue_left(s, prompts, D)
+            return (jnp.any(~s.free_r) | queue_left) & (queue_left | jnp.any(_live_d(s, D) > fits))
+        s = jax.lax.while_loop(in_phase, step, s)
     on_rows = lambda x: constrain(x, static.mesh, ("batch",) + (None,) * (x.ndim - 1))  # noqa
     out = s.out
     return Generated(
         response_ids=on_rows(out.tokens_wn),
         response_mask=on_rows(jnp.arange(static.width)[None, :] < out.length_w[:, None]),
         sample_logprobs=on_rows(out.sample_logp_wn), policy_logprobs=on_rows(out.policy_logp_wn),
-        stopped=on_rows(out.stopped_w), slot_steps=s.steps * static.slots)
+        stopped=on_rows(out.stopped_w), slot_steps=s.slot_steps)

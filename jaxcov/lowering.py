@@ -105,8 +105,7 @@ def _export_sampler(config, cfg, mesh, params, rows, platform):
     allows it, then the decode `while_loop`) for `rows` prompts of `max_prompt_len` tokens, one
     sample each."""
     s = config.sampler
-    static = sampler_lib.sampler_static(cfg, mesh, s, n=1, stop_ids=(0,), pad_id=0, rows=rows,
-                                        platform=platform)
+    static = sampler_lib.sampler_static(cfg, mesh, s, n=1, stop_ids=(0,), pad_id=0, rows=rows)
     weights = jax.eval_shape(functools.partial(decode_lib.decode_params, cfg=static.cfg,
                                                mesh=mesh), params)
     prefix = 0 if cfg.attention == "cudnn" else sampler_lib.PREFIX_MULTIPLE

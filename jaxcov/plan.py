@@ -207,9 +207,8 @@ class RunShapes:
     micro_rows: int
 
 
-def run_shapes(config: ExperimentConfig, mesh: AbstractMesh,
-               platform: Optional[str] = None) -> RunShapes:
-    """Sizes as `sampler.sample` buckets them (slots as on `platform`) and
+def run_shapes(config: ExperimentConfig, mesh: AbstractMesh) -> RunShapes:
+    """Sizes as `sampler.sample` buckets them and
     `batch.from_rollout` lays rows out."""
     s, t = config.sampler, config.train
     longest_prompt = min(config.data.max_prompt_len, s.max_prompt_len)  # longer: dropped/refused
@@ -219,7 +218,7 @@ def run_shapes(config: ExperimentConfig, mesh: AbstractMesh,
 
     def prompts_and_slots(prompts: int, n: int) -> tuple[int, int]:
         batch = batch_bucket(prompts, 1 if slotted else n, mesh)
-        return batch, slot_count(s, batch * n, mesh, platform) if slotted else 0
+        return batch, slot_count(s, batch * n, mesh) if slotted else 0
 
     rollout_prompts, rollout_slots = prompts_and_slots(t.prompts_per_step, config.algo.group_size)
     eval_prompts, eval_slots = (prompts_and_slots(held_out_prompts(config), t.eval_samples)
@@ -604,7 +603,7 @@ def plan_memory(config: ExperimentConfig, topology: Topology,
     mesh = abstract_mesh(shape)
     check_layout(config, mesh)
     cfg = model_architecture(config, topology.platform)
-    shapes = run_shapes(config, mesh, topology.platform)
+    shapes = run_shapes(config, mesh)
     items = (state_items(config, cfg, shape) + sampling_items(config, cfg, mesh, shapes)
              + score_items(config, cfg, mesh, shapes) + update_items(config, cfg, mesh, shapes))
     return Plan(config, cfg, topology, shape, shapes, tuple(items), usable_fraction)

@@ -274,10 +274,9 @@ def sampler_program(config: SamplerConfig):
 
 
 def sampler_static(cfg: LlamaConfig, mesh: Optional[Mesh], config: SamplerConfig, n: int,
-                   stop_ids: Sequence[int], pad_id: int, rows: int = 0,
-                   platform: Optional[str] = None) -> SamplerStatic:
+                   stop_ids: Sequence[int], pad_id: int, rows: int = 0) -> SamplerStatic:
     """The compile-time part of a sampler program; `rows` (prompt slots x n) sizes the
-    continuous engine's slots for `platform` (default: this process's backend)."""
+    continuous engine's slots."""
     dtype = config.compute_dtype or cfg.compute_dtype
     slotted = config.engine == "continuous"
     return SamplerStatic(
@@ -285,7 +284,7 @@ def sampler_static(cfg: LlamaConfig, mesh: Optional[Mesh], config: SamplerConfig
         options=SamplingOptions.from_config(config), n=n,
         width=bucket(config.max_new_tokens, config.min_bucket),
         stop_ids=tuple(sorted(set(int(i) for i in stop_ids))), pad_id=int(pad_id), mesh=mesh,
-        slots=continuous.slot_count(config, rows, mesh, platform) if slotted else 0,
+        slots=continuous.slot_count(config, rows, mesh) if slotted else 0,
         groups=batch_size_multiple(mesh) if slotted and mesh is not None else 1)
 
 

@@ -39,6 +39,7 @@ from jaxcov import advantages as advantages_lib
 from jaxcov import batch as batch_lib
 from jaxcov import compiles
 from jaxcov import distributed
+from jaxcov import instrument
 from jaxcov.checkpoint import Checkpointer
 from jaxcov.config import ConfigError, ExperimentConfig, SamplerConfig, load_config, to_dict
 from jaxcov.data import PromptIterator, load_datasets
@@ -95,6 +96,7 @@ class RunContext:
     eval_data: Any
     base_key: jax.Array
     ref_params: Any = None  # a frozen copy of the initial policy, only when a ref-KL term is on
+    entropy_fn: Any = None  # `instrument.entropy_change_function`, when train.entropy_instrument
     prompt_width: Optional[int] = None  # every rollout's prompt columns (sampler.pad_prompts)
 
     @property
@@ -171,7 +173,10 @@ def build_context(config: ExperimentConfig) -> RunContext:
         data=PromptIterator(train_set, t.prompts_per_step, config.data.seed, config.data.shuffle),
         eval_data=eval_set, base_key=jax.random.key(config.seed),
         ref_params=jax.tree.map(jnp.copy, model.params) if config.algo.ref_kl_coef > 0 else None,
-        prompt_width=prompt_width)
+        prompt_width=prompt_width,
+        entropy_fn=(instrument.entropy_change_function(model.config, mesh, m.logits_chunk, micro,
+                                                       options)
+                    if t.entropy_instrument else None))
 
 
 # ------------------------------------------------------------------------------ train state
@@ -313,6 +318,8 @@ def run_updates(ctx: RunContext, state: dict, arrays: dict, key) -> tuple[dict, 
         per_update.append(jax.device_get(metrics))
     metrics = _mean_dicts(per_update)
     metrics["entropy/pred_dH"] = float(sum(m.get("cov/pred_dH", 0.0) for m in per_update))
+    metrics["optim/lr_sum"] = float(sum(ctx.schedule(update_count + i)
+                                        for i in range(len(per_update))))
     metrics["actor/nonfinite"] = float(sum(m["actor/nonfinite"] for m in per_update))
     metrics["optim/lr"] = float(ctx.schedule(update_count))
     return {**state, "params": params, "opt_state": opt_state}, metrics
@@ -339,22 +346,50 @@ def rl_step(ctx: RunContext, state: dict) -> tuple[dict, dict]:
     jax.block_until_ready(arrays)
     times["time/logprobs"] = time.perf_counter() - t1
     t2 = time.perf_counter()
+    # The updates donate the params; the instrument compares the logits before and after.
+    params_before = jax.tree.map(jnp.copy, state["params"]) if ctx.entropy_fn else None
     new_state, update_metrics = run_updates(ctx, state, arrays, key)
     times["time/update"] = time.perf_counter() - t2
-    _, entropy_after = ctx.score_fn(new_state["params"], arrays["tokens_bt"],
-                                    arrays["attention_mask_bt"])
-    after = float(masked_mean(entropy_after, arrays["response_mask_bt"]))
-    before = float(prep_metrics["rollout/entropy"])
+    t3 = time.perf_counter()
+    metrics.update(entropy_metrics(ctx, step + 1, params_before, new_state["params"], arrays,
+                                   float(prep_metrics["rollout/entropy"]),
+                                   update_metrics["optim/lr_sum"], jax.random.fold_in(key, 2)))
+    times["time/entropy"] = time.perf_counter() - t3
     metrics.update({k: float(v) for k, v in prep_metrics.items()})
     metrics.update(update_metrics)
     metrics.update(_response_metrics(rollout))
-    metrics.update({"entropy/before": before, "entropy/after": after,
-                    "entropy/measured_dH": after - before, **compiles.metrics()})
+    metrics.update(compiles.metrics())
     times["time/step"] = time.perf_counter() - t0
     metrics.update(times)
     metrics["throughput/gen_tokens_per_s"] = float(rollout.response_lengths.sum()) / max(
         times["time/rollout"], 1e-9)
     return {**new_state, "step": state["step"] + 1}, metrics
+
+
+def entropy_metrics(ctx: RunContext, step: int, params_before, params_after, arrays: dict,
+                    before: float, lr_sum: float, key) -> dict:
+    """The entropy after the step's updates and its change; with the instrument on
+    (`params_before` given), `jaxcov.instrument`'s metrics on its rows."""
+    if params_before is None:
+        _, entropy_after = ctx.score_fn(params_after, arrays["tokens_bt"],
+                                        arrays["attention_mask_bt"])
+        after = float(masked_mean(entropy_after, arrays["response_mask_bt"]))
+        return {"entropy/before": before, "entropy/after": after,
+                "entropy/measured_dH": after - before}
+    rows = instrument.instrument_rows(arrays["tokens_bt"].shape[0],
+                                      ctx.config.train.entropy_rows, jax.random.fold_in(key, 0))
+    names = ("tokens_bt", "attention_mask_bt", "response_mask_bt", "old_logp_bt",
+             "advantages_bt")
+    sub = {k: arrays[k] for k in names}
+    sub = sub if rows is None else _take_rows(sub, rows, ctx.mesh)
+    change = ctx.entropy_fn(params_before, params_after, sub["tokens_bt"],
+                            sub["attention_mask_bt"])
+    metrics, sample = jax.device_get(instrument.entropy_change_metrics(
+        change, sub["old_logp_bt"], sub["advantages_bt"], sub["response_mask_bt"],
+        jax.random.fold_in(key, 1), jnp.float32(lr_sum), algo=ctx.config.algo))
+    if distributed.is_main_process():
+        instrument.append_token_sample(ctx.config.train.run_dir, step, sample)
+    return {k: float(v) for k, v in metrics.items()}
 
 
 def _response_metrics(rollout: batch_lib.RolloutBatch) -> dict:

@@ -13,7 +13,7 @@ import yaml
 
 from jaxcov import repro as repro_lib
 from jaxcov.analysis import (AnalysisError, analyze_dirs, early_fit_count, fit_entropy_reward,
-                             PLOT_FILES)
+                             LEMMA_PLOT, PLOT_FILES)
 from jaxcov.cli import main
 from jaxcov.config import to_dict
 
@@ -238,3 +238,44 @@ def test_repro_stops_with_a_clear_error_when_a_run_fails(tmp_path, monkeypatch, 
     monkeypatch.setattr(repro_lib, "_train", lambda config: 1)
     assert main(["repro", "--out", str(tmp_path / "o"), "--runs-dir", str(tmp_path / "r")]) == 2
     assert "grpo: training in" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------ the lemma's statistics
+
+
+def test_lemma_agreement_per_step_and_per_token(tmp_path):
+    """measured = 2 x first-order prediction exactly (slope 2, r 1); the midpoint with noise;
+    the per-token file pooled over steps, a rewritten (resumed) step counted once."""
+    rng = np.random.default_rng(0)
+    first = rng.normal(0, 1e-3, 20)
+    noise = rng.normal(0, 1e-3, 20)
+    records = [_law_run_record(i, 2 * first[i], first[i], 2 * first[i] + noise[i])
+               for i in range(20)]
+    run_dir = _write_run(tmp_path / "run", records, 20)
+    tokens = [{"step": 1, "measured": [9.0], "first_order": [0.0], "midpoint": [0.0]}]  # stale
+    tokens += [{"step": s, "measured": [1.0 * s, 2.0 * s], "first_order": [0.5 * s, 1.0 * s],
+                "midpoint": [1.0 * s, 2.0 * s + 0.1]} for s in range(1, 21)]
+    with open(os.path.join(run_dir, "entropy_tokens.jsonl"), "w") as f:
+        f.writelines(json.dumps(t) + "\n" for t in tokens)
+    run = analyze_dirs([run_dir])[0]
+    steps = run.lemma_steps["first order"]
+    assert steps.r == pytest.approx(1.0) and steps.slope == pytest.approx(2.0) and steps.n == 20
+    midpoint = run.lemma_steps["midpoint"]
+    m = 2 * first + noise
+    assert midpoint.r == pytest.approx(np.corrcoef(m, 2 * first)[0, 1])
+    assert midpoint.slope == pytest.approx(np.polyfit(m, 2 * first, 1)[0])
+    assert run.lemma_tokens["first order"].n == 40  # the stale step-1 line replaced
+    assert run.lemma_tokens["first order"].slope == pytest.approx(2.0)
+    assert run.dh_shares["top 0.2% by Cov"] == pytest.approx(0.25)
+    assert main(["analyze", run_dir]) == 0
+    report = open(os.path.join(run_dir, "report.md")).read()
+    assert "| run | first order | +1.000 | 2.000 | 20 | +1.000 | 2.000 | 40 |" in report
+    assert os.path.exists(os.path.join(run_dir, LEMMA_PLOT))
+
+
+def _law_run_record(i, measured, first, midpoint):
+    h = 0.1 + 2.4 * np.exp(-i / 5)
+    return _step_record(i + 1, float(h), float(-A * np.exp(h) + B), measured=float(measured),
+                        **{"entropy/dH_first_order": float(first),
+                           "entropy/dH_midpoint": float(midpoint),
+                           "entropy/dH_share_top0.2pct": 0.25})

@@ -26,7 +26,8 @@ def test_counted_counts_one_program_per_new_shape_and_warns_when_late(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(
         "jaxcov: warning: step 5 compiled the test-double program again for x [5]")
-    assert set(compiles.metrics()) == {"sampler/compiles", "score/compiles", "update/compiles"}
+    assert set(compiles.metrics()) == {"sampler/compiles", "score/compiles", "update/compiles",
+                                       "entropy/compiles"}
 
 
 @pytest.fixture

@@ -412,8 +412,11 @@ def test_prompt_errors_and_explicit_truncation():
 
 # -------------------------------------------------------------- SmolLM2 vs transformers (slow)
 
+# Responses of very different lengths: two stop after 8 tokens, two run to the cap.
 CHAT = ["What is 2+2? Answer with just the number.", "Name a primary color.",
-        "Write the word hello."]
+        "What is the capital of France? Answer with one word.",
+        "Write a long story about a cat who sails the sea."]
+NEW_TOKENS = 24
 
 
 @pytest.fixture(scope="module")
@@ -423,15 +426,10 @@ def smollm2():
     return load_model("smollm2-135m-instruct", mesh=single_device_mesh())
 
 
-def test_greedy_matches_transformers_generate(smollm2):
+def _transformers_greedy(prompts) -> np.ndarray:
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     from jaxcov.models.registry import embedded_model_path
-
-    prompts = sampler.encode_prompts(smollm2.tokenizer, CHAT)
-    config = SamplerConfig(max_new_tokens=16, temperature=0.0)
-    ours = sampler.generate(smollm2, prompts, jax.random.key(0), config)
-    assert ours.finish_reasons()[0] == "stop"  # "4<|im_end|>": EOS = PAD handled below
 
     path = embedded_model_path("smollm2-135m-instruct")
     torch.set_num_threads(1)  # robust to a busy machine (2 threads spin-wait on each other)
@@ -441,16 +439,30 @@ def test_greedy_matches_transformers_generate(smollm2):
     ids = torch.tensor([[2] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     with torch.no_grad():
-        out = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=16,
-                          pad_token_id=2, eos_token_id=2)[:, width:].numpy()
-    expected = np.full((len(prompts), 16), 2)
-    expected[:, :out.shape[1]] = out
-    np.testing.assert_array_equal(np.asarray(ours.response_ids), expected)
-    first_eos = [list(row).index(2) + 1 if 2 in row else 16 for row in expected]
-    np.testing.assert_array_equal(np.asarray(ours.response_lengths), first_eos)
+        out = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False,
+                          max_new_tokens=NEW_TOKENS, pad_token_id=2, eos_token_id=2)
+    expected = np.full((len(prompts), NEW_TOKENS), 2)
+    expected[:, :out.shape[1] - width] = out[:, width:].numpy()
+    return expected
 
+
+def test_greedy_matches_transformers_generate(smollm2):
+    """Both engines, the continuous one with its default slots and with one slot (every item
+    after the first refilled into a used slot): transformers' tokens for every prompt."""
+    prompts = sampler.encode_prompts(smollm2.tokenizer, CHAT)
+    expected = _transformers_greedy(prompts)
+    first_eos = [list(row).index(2) + 1 if 2 in row else NEW_TOKENS for row in expected]
+    assert first_eos == [8, NEW_TOKENS, 8, NEW_TOKENS]  # lengths differ widely
+    for engine, slots in (("continuous", 0), ("continuous", 1), ("static", 0)):
+        config = SamplerConfig(max_new_tokens=NEW_TOKENS, temperature=0.0, engine=engine,
+                               slots=slots)
+        ours = sampler.generate(smollm2, prompts, jax.random.key(0), config)
+        np.testing.assert_array_equal(np.asarray(ours.response_ids), expected, (engine, slots))
+        np.testing.assert_array_equal(np.asarray(ours.response_lengths), first_eos)
+    assert ours.finish_reasons()[:2] == ["stop", "length"]  # "2 + 2 = 4<|im_end|>": EOS = PAD
     texts = sampler.decode_responses(smollm2.tokenizer, ours)
-    assert texts[0].strip() == smollm2.tokenizer.decode(out[0], skip_special_tokens=True).strip()
+    assert texts[0].strip() == smollm2.tokenizer.decode(expected[0],
+                                                        skip_special_tokens=True).strip()
 
 
 def test_generate_cli_prints_each_completion(capsys, monkeypatch):

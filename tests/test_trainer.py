@@ -55,6 +55,34 @@ def test_two_steps_of_each_loss_on_8_devices(tmp_path, loss):
     assert os.path.exists(tmp_path / "run" / "entropy.png")
 
 
+@pytest.mark.parametrize("entropy_rows", [0, 4])
+def test_entropy_instrument_on_the_mesh(tmp_path, entropy_rows):
+    """The exact instrument on every row (or a 4-row subset): its entropy before the update is
+    the scoring pass's on the same tokens, its predictions are finite, and each step writes its
+    sampled positions; switched off, only the measured change remains."""
+    path = _config(tmp_path, train={"entropy_rows": entropy_rows})
+    assert train(load_config(path)) == 0
+    records = [r for r in read_metrics(str(tmp_path / "run" / "metrics.jsonl")) if r["step"]]
+    for r in records:
+        for key in ("entropy/dH_first_order", "entropy/dH_midpoint", "entropy/pred_dH_pg",
+                    "entropy/dH_share_selected", "entropy/dH_share_top2pct", "time/entropy"):
+            assert np.isfinite(r[key]), key
+        assert r["entropy/measured_dH"] == pytest.approx(
+            r["entropy/after"] - r["entropy/before"], abs=1e-6)
+        if not entropy_rows:
+            assert r["entropy/before"] == pytest.approx(r["rollout/entropy"], abs=1e-5)
+    lines = read_metrics(str(tmp_path / "run" / "entropy_tokens.jsonl"))
+    assert [line["step"] for line in lines] == [1, 2]
+    most = (entropy_rows or 16) * 8  # rows x response tokens
+    assert all(0 < len(line["measured"]) <= min(64, most) for line in lines)
+
+    (tmp_path / "off").mkdir()
+    off = _config(tmp_path / "off", train={"entropy_instrument": False})
+    assert train(load_config(off)) == 0
+    last = read_metrics(str(tmp_path / "off" / "run" / "metrics.jsonl"))[-1]
+    assert "entropy/dH_first_order" not in last and np.isfinite(last["entropy/measured_dH"])
+
+
 # Prompt lengths per step (chat template included) of the varied-length run: steps 1-3 meet
 # both prompt widths (16, 32); step 4 brings new lengths (22 would be width 24 on a 1.5x
 # ladder) and a longer shared prefix (the template's 8 tokens and 3 words, cut to 8).

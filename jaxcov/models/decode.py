@@ -169,15 +169,17 @@ def prefill(params: Params, layers: Sequence[Params], cfg: LlamaConfig, prefix_c
 
 def _attend_cache(q_rkge, k_cache_rkse, v_cache_rkse, mask_rs) -> jax.Array:
     """One query per row against the cache (this token's key and value already written);
-    softmax in fp32. The cache is read only by the two matmuls: anything that reads it as a
-    fused elementwise op (an fp32 cast, say) makes XLA copy the whole cache every layer."""
+    softmax in fp32, normalised after the value matmul (one pass fewer over the scores). The
+    cache is read only by the two matmuls: anything that reads it as a fused elementwise op
+    (an fp32 cast, say) makes XLA copy the whole cache every layer."""
+    q_rkge = q_rkge * jnp.asarray(1 / math.sqrt(q_rkge.shape[-1]), q_rkge.dtype)
     scores_rkgs = jnp.einsum("rkge,rkse->rkgs", q_rkge, k_cache_rkse,
-                             preferred_element_type=jnp.float32) / math.sqrt(q_rkge.shape[-1])
-    scores_rkgs = jnp.where(mask_rs[:, None, None, :], scores_rkgs, -1e30)
-    probs_rkgs = jax.nn.softmax(scores_rkgs, axis=-1).astype(v_cache_rkse.dtype)
-    out = jnp.einsum("rkgs,rkse->rkge", probs_rkgs, v_cache_rkse,
+                             preferred_element_type=jnp.float32)
+    scores_rkgs = scores_rkgs + jnp.where(mask_rs, 0.0, -1e30)[:, None, None, :]
+    weights_rkgs = jnp.exp(scores_rkgs - jnp.max(scores_rkgs, axis=-1, keepdims=True))
+    out = jnp.einsum("rkgs,rkse->rkge", weights_rkgs.astype(v_cache_rkse.dtype), v_cache_rkse,
                      preferred_element_type=jnp.float32)
-    return out.astype(q_rkge.dtype)
+    return (out / jnp.sum(weights_rkgs, axis=-1, keepdims=True)).astype(q_rkge.dtype)
 
 
 def _cache_mask(positions_rs: jax.Array, position_r: jax.Array, window: Optional[int]):

@@ -220,3 +220,94 @@ def token_logprobs(params: Params, cfg: LlamaConfig, tokens_bt: jax.Array,
     logp = jnp.pad(logp, ((0, 0), (1, 0)))
     ent = jnp.pad(ent, ((0, 0), (1, 0)))
     return constrain(logp, mesh, ("batch", "seq")), constrain(ent, mesh, ("batch", "seq"))
+
+
+# ------------------------------------------------------------------ entropy change of an update
+
+class EntropyChange(NamedTuple):
+    """Per position [B, T] (index t: the distribution predicted at t-1, as `token_logprobs`)."""
+
+    before: jax.Array  # H(pi_k)
+    after: jax.Array  # H(pi_k+1)
+    first_order: jax.Array  # -Cov_{pi_k}(log pi_k, dz): the paper's lemma
+    midpoint: jax.Array  # -Cov_{pi_mid}(log pi_mid, dz), pi_mid = softmax(z_k + dz / 2)
+
+
+def _moments(state, x_nc, d_nc):
+    """Folds a vocabulary chunk into the online moments of p = softmax(x): running max m and,
+    relative to it, (sum e, sum e x', sum e d, sum e x' d) with e = exp(x - m), x' = x - m.
+    Centring x on m keeps Cov(x, d) = E[x' d] - E[x'] E[d] free of cancellation."""
+    m, s0, s1, sd, s1d = state
+    new_m = jnp.maximum(m, jnp.max(x_nc, axis=-1))
+    shift = m - new_m  # <= 0: old terms x' grow by `shift`
+    scale = jnp.exp(shift)
+    s1 = scale * (s1 + jnp.where(s0 > 0, shift * s0, 0.0))
+    s1d = scale * (s1d + jnp.where(s0 > 0, shift * sd, 0.0))
+    e = jnp.exp(x_nc - new_m[:, None])
+    x_rel = jnp.where(e > 0, x_nc - new_m[:, None], 0.0)  # padding ids: 0 * (-1e30) stays 0
+    return (new_m, scale * s0 + jnp.sum(e, -1), s1 + jnp.sum(e * x_rel, -1),
+            scale * sd + jnp.sum(e * d_nc, -1), s1d + jnp.sum(e * x_rel * d_nc, -1))
+
+
+def _entropy_and_cov(state):
+    """(H(p), Cov_p(log p, d)) from `_moments`' state (log p = x - const)."""
+    _, s0, s1, sd, s1d = state
+    mean_x, mean_d = s1 / s0, sd / s0
+    return jnp.log(s0) - mean_x, s1d / s0 - mean_x * mean_d
+
+
+def _exact_chunk_logits(h_nd, w_cd, chunks: VocabChunks, k: int, dtype):
+    """`_chunk_logits` accumulated in `dtype` (float64 in the error-order tests)."""
+    logits = jnp.einsum("nd,cd->nc", h_nd, w_cd, preferred_element_type=dtype)
+    if not chunks.padded:
+        return logits
+    return jnp.where(chunks.ids(k)[None, :] < chunks.vocab, logits, _PAD_LOGIT)
+
+
+def _entropy_change_rows(h_before_nd, w_before_vd, h_after_nd, w_after_vd, chunks: VocabChunks):
+    """EntropyChange fields [N] for N positions, one vocabulary chunk of logits at a time."""
+    N = h_before_nd.shape[0]
+    dtype = jnp.promote_types(h_before_nd.dtype, jnp.float32)  # float64 under x64 (tests)
+    zero = jnp.zeros((N,), dtype)
+    start = (jnp.full((N,), -jnp.inf, dtype), zero, zero, zero, zero)
+    before = middle = after = start
+    w_before, w_after = split_vocab(w_before_vd, chunks), split_vocab(w_after_vd, chunks)
+    for k, (wb_cd, wa_cd) in enumerate(zip(w_before, w_after)):
+        z_b = _exact_chunk_logits(h_before_nd, wb_cd, chunks, k, dtype)
+        z_a = _exact_chunk_logits(h_after_nd, wa_cd, chunks, k, dtype)
+        dz = z_a - z_b  # 0 at padding ids (both at _PAD_LOGIT)
+        before = _moments(before, z_b, dz)
+        middle = _moments(middle, z_b + dz / 2, dz)
+        after = _moments(after, z_a, dz)
+    h_before, cov_before = _entropy_and_cov(before)
+    _, cov_middle = _entropy_and_cov(middle)
+    h_after, _ = _entropy_and_cov(after)
+    return EntropyChange(before=h_before, after=h_after, first_order=-cov_before,
+                         midpoint=-cov_middle)
+
+
+def token_entropy_change(params_before: Params, params_after: Params, cfg: LlamaConfig,
+                         tokens_bt: jax.Array, attention_mask_bt: jax.Array,
+                         mesh: Optional[Mesh] = None, chunk: int = 128) -> EntropyChange:
+    """How an update changed the policy's entropy at every position of a batch, measured and
+    predicted from the change of the logits over the whole vocabulary, dz = z_k+1 - z_k:
+    H(pi_k+1) - H(pi_k) = -Cov_{pi_k}(log pi_k, dz) + O(dz^2) for any optimizer (the paper's
+    lemma); the covariance under the midpoint softmax(z_k + dz / 2) is exact to O(dz^3).
+    Positions are taken `chunk` at a time (at least MIN_CHUNK_ROWS rows), B x T x V never
+    exists at once."""
+    h_b = forward_hidden(params_before, cfg, tokens_bt, attention_mask_bt, mesh=mesh)[:, :-1]
+    h_a = forward_hidden(params_after, cfg, tokens_bt, attention_mask_bt, mesh=mesh)[:, :-1]
+    B, T, D = h_b.shape
+    chunk = min(max(chunk, -(-MIN_CHUNK_ROWS // B)), T)
+    pad = -T % chunk
+    n = (T + pad) // chunk
+    rows = lambda h: jnp.pad(h, ((0, 0), (0, pad), (0, 0))).reshape(  # noqa: E731
+        B, n, chunk, D).swapaxes(0, 1).reshape(n, B * chunk, D)
+    chunks = vocab_chunks(cfg.vocab_size, mesh)
+    w_b, w_a = unembed_rows(params_before, cfg), unembed_rows(params_after, cfg)
+    per_chunk = jax.lax.map(lambda hs: _entropy_change_rows(hs[0], w_b, hs[1], w_a, chunks),
+                            (rows(h_b), rows(h_a)))
+    unchunk = lambda x: constrain(jnp.pad(  # noqa: E731
+        x.reshape(n, B, chunk).swapaxes(0, 1).reshape(B, T + pad)[:, :T], ((0, 0), (1, 0))),
+        mesh, ("batch", "seq"))
+    return EntropyChange(*map(unchunk, per_chunk))
