@@ -87,11 +87,6 @@ def dH_shares(dH_bt, logp_bt, advantages_bt, mask_bt, key, algo: AlgoConfig) -> 
     return shares
 
 
-def _covariance(x_bt, y_bt, mask_bt):
-    centred = lambda z: z - masked_mean(z, mask_bt)  # noqa: E731
-    return masked_mean(centred(x_bt) * centred(y_bt), mask_bt)
-
-
 def token_sample(change: EntropyChange, mask_bt, key) -> dict:
     """Measured dH and both predictions at up to TOKEN_SAMPLE random response positions
     (`kept` marks the real ones when there are fewer)."""
@@ -109,7 +104,7 @@ def entropy_change_metrics(change: EntropyChange, logp_bt, advantages_bt, mask_b
     and its `token_sample`."""
     dH_bt = change.after - change.before
     mean = lambda x: masked_mean(x, mask_bt)  # noqa: E731
-    pg_cov = _covariance(logp_bt, jnp.exp(logp_bt) * advantages_bt, mask_bt)
+    pg_cov = mean(token_covariance(logp_bt, jnp.exp(logp_bt) * advantages_bt, mask_bt))
     return {"entropy/before": mean(change.before), "entropy/after": mean(change.after),
             "entropy/measured_dH": mean(dH_bt),
             "entropy/dH_first_order": mean(change.first_order),
