@@ -190,7 +190,7 @@ def _initial_state(prompts: PromptCache, rows: int, static: SamplerStatic) -> Sl
     Q = prompts.positions_bq.shape[1]
     cache = DecodeCache(k=tuple(empty() for _ in prompts.k), v=tuple(empty() for _ in prompts.v),
                         positions_rs=jnp.full((R, Q + width), EMPTY, jnp.int32),
-                        end=jnp.int32(Q))
+                        end=jnp.int32(Q), extent=jnp.int32(Q))
     per_item = lambda dtype, fill=0: jnp.full((rows, width), fill, dtype)  # noqa: E731
     out = Outputs(tokens_wn=per_item(jnp.int32, static.pad_id),
                   sample_logp_wn=per_item(jnp.float32), policy_logp_wn=per_item(jnp.float32),

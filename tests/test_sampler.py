@@ -354,6 +354,37 @@ def test_continuous_greedy_equals_static_for_widely_varying_lengths(family):
         np.testing.assert_allclose(slotted.policy_logprobs, static.policy_logprobs, atol=1e-5)
 
 
+def test_attention_over_filled_width_buckets_changes_nothing(monkeypatch):
+    """With width buckets forced on these small caches (4-8 slots a bucket, so the chosen
+    width changes every few steps, and the continuous engine's response ring wraps with 3
+    slots), every cached decode step's logits still equal a full forward, and both engines
+    return the unbucketed tokens and log-probs."""
+    cfg = tiny_config("llama")
+    greedy = dataclasses.replace(BASE, temperature=0.0, max_new_tokens=12)
+    run = lambda **kw: sampler.sample(tiny_params(cfg), cfg, None, VARIED, jax.random.key(0),  # noqa
+                                      dataclasses.replace(greedy, **kw), 2, EVERY_7TH, PAD)
+    plain = {"static": run(engine="static"), 3: run(slots=3)}
+    monkeypatch.setattr(decode, "MIN_BUCKETED_WIDTH", 8)
+    monkeypatch.setattr(decode, "WIDTH_BUCKETS", 4)
+    assert decode.width_buckets(20) == (8, 16, 20) and decode.width_buckets(7) == (7,)
+    jax.clear_caches()  # the programs above were traced with one width
+    rng = np.random.RandomState(1)
+    prompt, response = rng.randint(1, cfg.vocab_size, (2, 8)), rng.randint(1, 256, (2, 12))
+    prompt_mask = np.ones((2, 8), bool)
+    prompt_mask[1, :5] = False
+    cached, full = cached_and_full_logits(tiny_params(cfg), cfg, np.zeros(0, np.int32),
+                                              prompt, prompt_mask, response)
+    np.testing.assert_allclose(cached, full, atol=2e-5, rtol=1e-5)
+    for key, kw in (("static", {"engine": "static"}), (3, {"slots": 3})):
+        bucketed = run(**kw)
+        for name in ("response_ids", "response_mask", "stopped"):
+            np.testing.assert_array_equal(getattr(bucketed, name), getattr(plain[key], name),
+                                          f"{key}: {name}")
+        np.testing.assert_allclose(bucketed.policy_logprobs, plain[key].policy_logprobs,
+                                   atol=1e-5)
+    jax.clear_caches()  # later tests trace with the real buckets
+
+
 def test_continuous_sampled_logprobs_equal_teacher_forcing_and_ignore_slot_count():
     """Sampling (T=0.8, top-k, top-p) with refills: each item's draws come from its own key, so
     2 and 5 slots give the same tokens; both log-probs equal a fresh forward to 1e-4."""

@@ -90,6 +90,7 @@ class DecodeCache:
     v: tuple[jax.Array, ...]  # L x [R, K, S, E]
     positions_rs: jax.Array  # [R, S] int32: rope position of each slot's token, EMPTY if none
     end: jax.Array  # [] int32: the slot the next token of every row goes to
+    extent: jax.Array  # [] int32: slots [0, extent) may hold tokens, the rest are empty
 
     AXES = ("batch", "kv_heads", "cache_seq", "head_dim")
 
@@ -162,7 +163,7 @@ def prefill(params: Params, layers: Sequence[Params], cfg: LlamaConfig, prefix_c
     cache = DecodeCache(k=tuple(to_cache(k) for k, _ in kvs), v=tuple(to_cache(v) for _, v in kvs),
                         positions_rs=jnp.pad(positions_bs, ((0, 0), (0, width)),
                                              constant_values=EMPTY),
-                        end=jnp.int32(C + P))
+                        end=jnp.int32(C + P), extent=jnp.int32(C + P))
     h_bd = llama.rms_norm(h[:, -1], params["final_norm"], cfg.rms_norm_eps)
     return unembed(params, cfg, h_bd), cache
 
@@ -182,6 +183,35 @@ def _attend_cache(q_rkge, k_cache_rkse, v_cache_rkse, mask_rs) -> jax.Array:
     return (out / jnp.sum(weights_rkgs, axis=-1, keepdims=True)).astype(q_rkge.dtype)
 
 
+# Attention reads the smallest of these many cache widths that covers the filled slots
+# (`lax.switch`), so a decode step's KV reads follow the tokens so far, not the cache size.
+WIDTH_BUCKETS = 8
+MIN_BUCKETED_WIDTH = 128  # below this one width: the reads saved do not pay for the switch
+
+
+def width_buckets(slots: int) -> tuple[int, ...]:
+    """Ascending cache widths (multiples of 8, the last one `slots`) that attention chooses
+    from."""
+    if slots < MIN_BUCKETED_WIDTH:
+        return (slots,)
+    step = -(-slots // (8 * WIDTH_BUCKETS)) * 8
+    return tuple(sorted({min(slots, step * i) for i in range(1, WIDTH_BUCKETS + 1)}))
+
+
+def _attend_filled(q_rkge, k_cache_rkse, v_cache_rkse, mask_rs, extent) -> jax.Array:
+    """`_attend_cache` over the first slots of the cache only: the smallest width bucket that
+    holds [0, extent). The slots past it are empty, so the result is the full cache's."""
+    widths = width_buckets(k_cache_rkse.shape[2])
+
+    def over(width):
+        return lambda: _attend_cache(q_rkge, k_cache_rkse[:, :, :width],
+                                     v_cache_rkse[:, :, :width], mask_rs[:, :width])
+    if len(widths) == 1:
+        return over(widths[0])()
+    index = jnp.searchsorted(jnp.asarray(widths, jnp.int32), extent)
+    return jax.lax.switch(jnp.minimum(index, len(widths) - 1), [over(w) for w in widths])
+
+
 def _cache_mask(positions_rs: jax.Array, position_r: jax.Array, window: Optional[int]):
     """[R, S] bool: the slots a query at `position_r` attends to (this token's own included)."""
     query_r1 = position_r[:, None]
@@ -199,6 +229,7 @@ def decode_step(params: Params, layers: Sequence[Params], cfg: LlamaConfig, toke
     write = lambda c_rsx, x_rx: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
         c_rsx, x_rx[:, None].astype(c_rsx.dtype), slot, 1)
     positions_rs = write(cache.positions_rs, position_r)
+    extent = jnp.maximum(cache.extent, slot + 1)
     mask_rs = _cache_mask(positions_rs, position_r, cfg.sliding_window)
     write_kv = lambda c_rkse, x_rke: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
         c_rkse, x_rke[:, :, None].astype(c_rkse.dtype), slot, 2)
@@ -210,7 +241,7 @@ def decode_step(params: Params, layers: Sequence[Params], cfg: LlamaConfig, toke
         def attention(q_r1he, k_r1ke, v_r1ke, k_cache=k_cache, v_cache=v_cache):
             k_cache, v_cache = write_kv(k_cache, k_r1ke[:, 0]), write_kv(v_cache, v_r1ke[:, 0])
             q_rkge = q_r1he.reshape(R, K, cfg.num_heads // K, cfg.head_dim)
-            out_rkge = _attend_cache(q_rkge, k_cache, v_cache, mask_rs)
+            out_rkge = _attend_filled(q_rkge, k_cache, v_cache, mask_rs, extent)
             out_r1he = out_rkge.reshape(R, 1, cfg.num_heads, cfg.head_dim)
             return out_r1he, None, (k_cache, v_cache)
 
@@ -220,4 +251,5 @@ def decode_step(params: Params, layers: Sequence[Params], cfg: LlamaConfig, toke
         vs.append(v_cache)
     h_rd = llama.rms_norm(h[:, 0], params["final_norm"], cfg.rms_norm_eps)
     return unembed(params, cfg, h_rd), cache.replace(k=tuple(ks), v=tuple(vs),
-                                                     positions_rs=positions_rs, end=slot + 1)
+                                                     positions_rs=positions_rs, end=slot + 1,
+                                                     extent=extent)
