@@ -333,6 +333,12 @@ def _mini_batch_plan(ctx: RunContext) -> range:
 # --------------------------------------------------------------------------------- one step
 
 
+@jax.jit
+def _copy_tree(tree):
+    """A copy in new buffers, one program for the whole tree (the original is donated next)."""
+    return jax.tree.map(jnp.copy, tree)
+
+
 def rl_step(ctx: RunContext, state: dict) -> tuple[dict, dict]:
     """One full RL step; returns the new state and the step's metrics."""
     step = int(state["step"])
@@ -347,7 +353,7 @@ def rl_step(ctx: RunContext, state: dict) -> tuple[dict, dict]:
     times["time/logprobs"] = time.perf_counter() - t1
     t2 = time.perf_counter()
     # The updates donate the params; the instrument compares the logits before and after.
-    params_before = jax.tree.map(jnp.copy, state["params"]) if ctx.entropy_fn else None
+    params_before = _copy_tree(state["params"]) if ctx.entropy_fn else None
     new_state, update_metrics = run_updates(ctx, state, arrays, key)
     times["time/update"] = time.perf_counter() - t2
     t3 = time.perf_counter()
