@@ -434,6 +434,8 @@ class TrainConfig:
         the last step); 0 disables periodic eval.
       eval_examples: held-out prompts evaluated (0: all of them).
       eval_samples: k of avg@k / pass@k; eval_temperature: their sampling temperature.
+      eval_batch_prompts: held-out prompts per generate call (0: prompts_per_step).
+      eval_greedy: also measure greedy accuracy (one more generate call per batch).
       max_bad_steps: consecutive non-finite losses/gradients before the run stops.
       export_hf: export the final policy as an HF directory run_dir/hf.
       tensorboard: write TensorBoard events; wandb_project: log to W&B when installed.
@@ -461,6 +463,8 @@ class TrainConfig:
     eval_examples: int = 0
     eval_samples: int = 4
     eval_temperature: float = 1.0
+    eval_batch_prompts: int = 0
+    eval_greedy: bool = True
     max_bad_steps: int = 3
     export_hf: bool = False
     tensorboard: bool = True
@@ -479,7 +483,7 @@ class TrainConfig:
                     "keep_checkpoints", "eval_samples", "max_bad_steps"):
             _require(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
         for key in ("micro_batch_size", "max_resample_rounds", "checkpoint_every", "eval_every",
-                    "eval_examples", "entropy_rows"):
+                    "eval_examples", "eval_batch_prompts", "entropy_rows"):
             _require(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
         _require(self.mini_batch_prompts <= self.prompts_per_step, "mini_batch_prompts",
                  f"({self.mini_batch_prompts}) must be <= prompts_per_step "

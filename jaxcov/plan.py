@@ -12,8 +12,8 @@ which never overlap (each is its own jitted program):
   rollout  the sampler (`jaxcov.sampler.sample`): a compute-dtype copy of the weights gathered
            over fsdp, the KV cache of every rollout row (prompt bucket + response bucket slots),
            the prompt-only cache before it is repeated n times, and the prefill of one layer.
-  eval     the same for one held-out batch (prompts_per_step prompts, or train.eval_examples
-           if fewer, x train.eval_samples), when train.eval_every > 0.
+  eval     the same for one held-out batch (train.eval_batch_prompts prompts, or
+           train.eval_examples if fewer, x train.eval_samples), when train.eval_every > 0.
   score    old log-probs and entropies of the whole step batch (`trainer.scoring_function`
            runs it one update micro-batch of rows at a time): one layer's forward.
   update   one mini-batch update (`jaxcov.update.update_policy`): fp32 gradient accumulator and
@@ -234,10 +234,11 @@ def run_shapes(config: ExperimentConfig, mesh: AbstractMesh) -> RunShapes:
 
 
 def held_out_prompts(config: ExperimentConfig) -> int:
-    """Prompts of one held-out batch (`evaluation.evaluate` draws prompts_per_step at a time).
+    """Prompts of one held-out batch (`evaluation.evaluate` draws eval_batch_prompts at a time).
     The held-out set's size is not known here, so only train.eval_examples bounds it."""
     t = config.train
-    return min(t.eval_examples or t.prompts_per_step, t.prompts_per_step)
+    batch = t.eval_batch_prompts or t.prompts_per_step
+    return min(t.eval_examples or batch, batch)
 
 
 # ------------------------------------------------------------------------------------ items

@@ -452,9 +452,7 @@ def maybe_evaluate(ctx: RunContext, state: dict, step: int, final: bool) -> dict
         return {}
     start = time.perf_counter()
     metrics = evaluate(ctx.model, state["params"], ctx.eval_data, ctx.config,
-                       jax.random.fold_in(ctx.base_key, 10**6 + step), k=t.eval_samples,
-                       temperature=t.eval_temperature, max_examples=t.eval_examples,
-                       prompt_width=ctx.prompt_width)
+                       jax.random.fold_in(ctx.base_key, 10**6 + step), ctx.prompt_width)
     metrics["time/eval"] = time.perf_counter() - start
     return metrics
 
@@ -614,11 +612,8 @@ def eval_command(args) -> int:
             if distributed.is_main_process():
                 print(f"evaluating step {step} of {run_dir}")
         checkpointer.close()
-    t = config.train
     metrics = evaluate(ctx.model, state["params"], ctx.eval_data, config,
-                       jax.random.fold_in(ctx.base_key, 10**6), k=t.eval_samples,
-                       temperature=t.eval_temperature, max_examples=t.eval_examples,
-                       prompt_width=ctx.prompt_width)
+                       jax.random.fold_in(ctx.base_key, 10**6), ctx.prompt_width)
     close_scorers()
     if distributed.is_main_process():
         for key, value in metrics.items():
