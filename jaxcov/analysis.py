@@ -31,6 +31,7 @@ R_KEY = "reward/accuracy"
 MEASURED_DH_KEY = "entropy/measured_dH"
 PREDICTED_DH_KEY = "entropy/pred_dH"
 COV_KEY = "cov/mean"
+EVAL_H_KEY = "eval/sample_entropy"  # the entropy of the held-out samples R is measured on
 REQUIRED_KEYS = (H_KEY, R_KEY, MEASURED_DH_KEY, PREDICTED_DH_KEY, COV_KEY)
 
 # Two parameters: a fit needs more points than that to have any residual at all.
@@ -87,9 +88,17 @@ def fit_entropy_reward(entropy: Sequence[float], reward: Sequence[float]) -> Ent
     return EntropyFit(float(a), float(b), len(h))
 
 
+def early_points(steps: Sequence[int], percent: float) -> int:
+    """Points in "the first p% of steps" (steps <= ceil(p% of the last), increasing), and never
+    fewer than MIN_FIT_POINTS."""
+    steps = np.asarray(steps)
+    limit = math.ceil(round(percent / 100.0 * steps[-1], 9))
+    return max(MIN_FIT_POINTS, int(np.sum(steps <= limit)))
+
+
 def early_fit_count(n_points: int, percent: float) -> int:
-    """Points in "the first p% of steps": ceil(p% of n), and never fewer than MIN_FIT_POINTS."""
-    return max(MIN_FIT_POINTS, math.ceil(round(percent / 100.0 * n_points, 9)))
+    """`early_points` of one point per step 1..n: ceil(p% of n), at least MIN_FIT_POINTS."""
+    return early_points(np.arange(1, n_points + 1), percent)
 
 
 def rmse(predicted, observed) -> float:
@@ -149,10 +158,49 @@ class RunSeries:
         steps, x, y = zip(*rows) if rows else ((), (), ())
         return np.asarray(steps, int), np.asarray(x, float), np.asarray(y, float)
 
+    def eval_points(self) -> "FitPoints":
+        """The held-out evaluations with a sampled entropy: H, avg@k and its standard error."""
+        rows = [(r["step"], r[EVAL_H_KEY], r[key], r.get(key + "_se", float("nan")))
+                for r in self.eval_records if EVAL_H_KEY in r
+                for key in [avg_key(r)] if key]
+        steps, h, r, se = zip(*rows) if rows else ((), (), (), ())
+        return FitPoints(np.asarray(steps, int), np.asarray(h, float), np.asarray(r, float),
+                         np.asarray(se, float), "held-out evaluations",
+                         EVAL_H_KEY, avg_key(self.eval_records[-1]) if rows else "")
+
+    def step_points(self) -> "FitPoints":
+        steps, h, r = self.paired(H_KEY, R_KEY)
+        return FitPoints(steps, h, r, np.full(len(h), np.nan), "RL steps", H_KEY, R_KEY)
+
+    def fit_points(self) -> "FitPoints":
+        """The points R = -a exp(H) + b is fitted on: the held-out evaluations when the run
+        logged enough of them with their entropy (`jaxcov repro` does), else the RL steps."""
+        points = self.eval_points()
+        return points if len(points.h) > MIN_FIT_POINTS else self.step_points()
+
     @property
     def complete(self) -> bool:
         last = self.records[-1]["step"] if self.records else 0
         return self.planned_steps is None or last >= self.planned_steps
+
+
+def avg_key(record: dict) -> str:
+    """The record's eval/avg@k key ("" when it has none)."""
+    return next((k for k in sorted(record) if k.startswith("eval/avg@") and
+                 not k.endswith("_se")), "")
+
+
+@dataclasses.dataclass(frozen=True)
+class FitPoints:
+    """(H, R) points of a run, with R's standard error where it was measured (NaN otherwise)."""
+
+    steps: np.ndarray
+    h: np.ndarray
+    r: np.ndarray
+    se: np.ndarray
+    source: str   # "RL steps" or "held-out evaluations"
+    h_key: str
+    r_key: str
 
 
 def _planned_steps(run_dir: str) -> Optional[int]:
@@ -219,11 +267,12 @@ def unique_names(runs: list[RunSeries]) -> None:
 @dataclasses.dataclass
 class RunAnalysis:
     series: RunSeries
+    points: FitPoints           # what the fits are on
     full_fit: EntropyFit
     full_rmse: float            # in-sample, all points
     full_final_error: float     # predicted - observed at the final step
     early_fit: EntropyFit
-    early_rmse: float           # on the steps after the fit window
+    early_rmse: float           # on the points after the fit window
     early_final_error: float
     constant_rmse: float        # "R stays at its early mean", on the same steps: a baseline
     dh_correlation: Optional[float]
@@ -240,11 +289,12 @@ class RunAnalysis:
 
 def analyze_run(series: RunSeries, fit_percent: float = DEFAULT_FIT_PERCENT) -> RunAnalysis:
     """Fits and entropy-change statistics of one run; AnalysisError with too few points."""
-    _, h, r = series.paired(H_KEY, R_KEY)
-    n_early = early_fit_count(len(h), fit_percent)
+    points = series.fit_points()
+    h, r = points.h, points.r
+    n_early = early_points(points.steps, fit_percent) if len(h) else MIN_FIT_POINTS
     if len(h) <= n_early:
         raise AnalysisError(
-            f"{series.run_dir}: {len(h)} steps with both '{H_KEY}' and '{R_KEY}'; fitting the "
+            f"{series.run_dir}: {len(h)} points with both '{H_KEY}' and '{R_KEY}'; fitting the "
             f"first {fit_percent:g}% ({n_early} points) and testing on the rest needs at least "
             f"{n_early + 1}" + ("" if series.complete else
                                 f" (the run stopped before its {series.planned_steps} steps)"))
@@ -252,7 +302,7 @@ def analyze_run(series: RunSeries, fit_percent: float = DEFAULT_FIT_PERCENT) -> 
     _, measured, predicted = series.paired(MEASURED_DH_KEY, PREDICTED_DH_KEY)
     _, cov = series.column(COV_KEY)
     return RunAnalysis(
-        series=series, full_fit=full, full_rmse=rmse(full.predict(h), r),
+        series=series, points=points, full_fit=full, full_rmse=rmse(full.predict(h), r),
         full_final_error=float(full.predict(h[-1]) - r[-1]),
         early_fit=early, early_rmse=rmse(early.predict(h[n_early:]), r[n_early:]),
         early_final_error=float(early.predict(h[-1]) - r[-1]),
@@ -296,7 +346,7 @@ def analyze_dirs(run_dirs: Sequence[str], fit_percent: float = DEFAULT_FIT_PERCE
 # ------------------------------------------------------------------------------------- plots
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -305,7 +355,7 @@ def _pyplot():
     return plt
 
 
-def _finish(plt, fig, ax, xlabel: str, ylabel: str, out_dir: str, filename: str) -> str:
+def finish_plot(plt, fig, ax, xlabel: str, ylabel: str, out_dir: str, filename: str) -> str:
     """Labels, grid and legend, then saves the figure as out_dir/filename and closes it."""
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -321,11 +371,11 @@ def _finish(plt, fig, ax, xlabel: str, ylabel: str, out_dir: str, filename: str)
 def plot_fits(analyses: list[RunAnalysis], out_dir: str) -> str:
     """R against H per run: points, the all-steps fit and the early fit, both drawn down to
     H = 0 so the extrapolated ceiling b - a shows as the curve's end (marked)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, run in enumerate(analyses):
         color = f"C{i}"
-        _, h, r = run.series.paired(H_KEY, R_KEY)
+        h, r = run.points.h, run.points.r
         n_early = run.early_fit.n_points
         ax.scatter(h[n_early:], r[n_early:], color=color, s=14, label=f"{run.name}")
         ax.scatter(h[:n_early], r[:n_early], color=color, s=30, marker="s", facecolors="none")
@@ -334,25 +384,27 @@ def plot_fits(analyses: list[RunAnalysis], out_dir: str) -> str:
         ax.plot(grid, run.early_fit.predict(grid), color=color, lw=1.0, ls="--")
         ax.plot([0.0], [run.full_fit.ceiling], color=color, marker="*", ms=10)
         ax.plot([0.0], [run.early_fit.ceiling], color=color, marker="*", ms=10, mfc="none")
-    ax.set_title("R = -a exp(H) + b: solid all steps, dashed first steps (squares); "
+    ax.set_title("R = -a exp(H) + b: solid all points, dashed first points (squares); "
                  "stars: ceiling b - a at H = 0",
                  fontsize=9)
-    return _finish(plt, fig, ax, f"H = {H_KEY}", f"R = {R_KEY}", out_dir, PLOT_FILES["fit"])
+    p = analyses[0].points
+    return finish_plot(plt, fig, ax, f"H = {p.h_key} ({p.source})", f"R = {p.r_key}", out_dir,
+                   PLOT_FILES["fit"])
 
 
 def plot_entropy(analyses: list[RunAnalysis], out_dir: str) -> str:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for run in analyses:
         steps, h = run.series.column(H_KEY)
         ax.plot(steps, h, marker=".", label=run.name)
-    return _finish(plt, fig, ax, "step", f"entropy ({H_KEY})", out_dir, PLOT_FILES["entropy"])
+    return finish_plot(plt, fig, ax, "step", f"entropy ({H_KEY})", out_dir, PLOT_FILES["entropy"])
 
 
 def plot_entropy_change(analyses: list[RunAnalysis], out_dir: str) -> str:
     """Measured against predicted dH per step. The prediction is -lr*Cov (natural-gradient form):
     Adam rescales the real step, so the scales differ and only the trend is comparable."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for run in analyses:
         _, measured, predicted = run.series.paired(MEASURED_DH_KEY, PREDICTED_DH_KEY)
@@ -360,7 +412,7 @@ def plot_entropy_change(analyses: list[RunAnalysis], out_dir: str) -> str:
         ax.scatter(predicted, measured, s=16, label=f"{run.name} (r = {r})")
     ax.axhline(0, color="grey", lw=0.6)
     ax.axvline(0, color="grey", lw=0.6)
-    return _finish(plt, fig, ax, f"predicted dH ({PREDICTED_DH_KEY} = -lr x Cov)",
+    return finish_plot(plt, fig, ax, f"predicted dH ({PREDICTED_DH_KEY} = -lr x Cov)",
                    f"measured dH ({MEASURED_DH_KEY})", out_dir, PLOT_FILES["dH"])
 
 
@@ -369,7 +421,7 @@ def plot_lemma(analyses: list[RunAnalysis], out_dir: str) -> Optional[str]:
     with_lemma = [run for run in analyses if run.lemma_steps.get("first order")]
     if not with_lemma:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for run in with_lemma:
         for name, key in TOKEN_PREDICTIONS.items():
@@ -385,7 +437,7 @@ def plot_lemma(analyses: list[RunAnalysis], out_dir: str) -> Optional[str]:
         ax.set_xlabel("predicted dH")
         ax.legend(fontsize=7)
     axes[0].set_ylabel(f"measured dH ({MEASURED_DH_KEY})")
-    return _finish(plt, fig, axes[1], "predicted dH", "measured dH", out_dir, LEMMA_PLOT)
+    return finish_plot(plt, fig, axes[1], "predicted dH", "measured dH", out_dir, LEMMA_PLOT)
 
 
 def write_analysis_plots(analyses: list[RunAnalysis], out_dir: str) -> list[str]:
@@ -405,14 +457,16 @@ def _num(x: Optional[float], fmt: str = ".4g") -> str:
 def method_section(fit_percent: float) -> str:
     return f"""## Method
 
-- H = `{H_KEY}` (mean token entropy of the step's sampled responses, before the update);
-  R = `{R_KEY}` (accuracy of the step's training batch). One point per RL step.
+- Points: with held-out evaluations that logged their samples' entropy, one point per
+  evaluation, H = `{EVAL_H_KEY}` (mean -log q of the sampled tokens: the entropy at T = 1) and
+  R = `eval/avg@k` on the same samples; otherwise one point per RL step, H = `{H_KEY}` (mean
+  token entropy of the step's responses, before the update), R = `{R_KEY}`.
 - Fit R = -a*exp(H) + b by linear least squares on [-exp(H), 1] (exact: the model is linear in
   a and b). The ceiling is the prediction at H = 0, b - a.
-- Early fit: the first {fit_percent:g}% of the steps that have both H and R, rounded up, and never
-  fewer than {MIN_FIT_POINTS} points (two parameters). It is scored on the remaining steps (RMSE)
-  and at the final step (predicted - observed). The constant baseline predicts the mean R of the
-  fit window for every later step.
+- Early fit: the points in the first {fit_percent:g}% of the steps (rounded up), and never
+  fewer than {MIN_FIT_POINTS} points (two parameters). It is scored on the remaining points (RMSE)
+  and at the final one (predicted - observed). The constant baseline predicts the mean R of the
+  fit window for every later point.
 - Entropy change: Pearson r between `{MEASURED_DH_KEY}` (entropy after - before the step's
   updates, on the step's responses) and `{PREDICTED_DH_KEY}` (-lr x Cov(log pi, A) summed over
   the step's updates, natural-gradient form). Adam rescales the real update, so the scales differ
@@ -428,13 +482,14 @@ def _fit_row(name: str, n: int, label: str, fit: EntropyFit, error: float, final
 
 
 def fits_section(analyses: list[RunAnalysis]) -> str:
-    rows = ["| run | steps | fit on | a | b | ceiling b-a | RMSE | final-step error | "
+    rows = ["| run | points | fit on | a | b | ceiling b-a | RMSE | final-point error | "
             "constant-baseline RMSE |", "|---|---|---|---|---|---|---|---|---|"]
     for run in analyses:
         n, n_early = run.full_fit.n_points, run.early_fit.n_points
-        rows.append(_fit_row(run.name, n, "all steps (in-sample)", run.full_fit, run.full_rmse,
-                             run.full_final_error, None))
-        rows.append(_fit_row(run.name, n, f"first {n_early} steps (RMSE on the other "
+        rows.append(_fit_row(run.name, n, f"all {run.points.source} (in-sample)", run.full_fit,
+                             run.full_rmse, run.full_final_error, None))
+        rows.append(_fit_row(run.name, n, f"first {n_early} (steps "
+                             f"{_ranges(run.points.steps[:n_early].tolist())}; RMSE on the other "
                              f"{n - n_early})", run.early_fit, run.early_rmse,
                              run.early_final_error, run.constant_rmse))
     return "## R = -a*exp(H) + b\n\n" + "\n".join(rows) + "\n"
@@ -545,7 +600,7 @@ def summary_lines(analyses: list[RunAnalysis]) -> list[str]:
     for run in analyses:
         f, e = run.full_fit, run.early_fit
         lines.append(
-            f"{run.name}: all {f.n_points} steps a={f.a:.4g} b={f.b:.4g} ceiling={f.ceiling:.4g} "
+            f"{run.name}: all {f.n_points} {run.points.source} a={f.a:.4g} b={f.b:.4g} ceiling={f.ceiling:.4g} "
             f"rmse={run.full_rmse:.4g} | first {e.n_points}: a={e.a:.4g} b={e.b:.4g} "
             f"ceiling={e.ceiling:.4g} rmse(rest)={run.early_rmse:.4g} "
             f"final err={run.early_final_error:+.4g} | corr(dH)={_num(run.dh_correlation, '+.3f')} "

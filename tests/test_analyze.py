@@ -77,6 +77,29 @@ def test_early_window_rounds_up_and_keeps_three_points():
     assert early_fit_count(12, 15) == 3   # 1.8 -> 2 -> at least 3
 
 
+def test_fit_uses_held_out_evaluations_when_they_logged_their_entropy(tmp_path):
+    """Eval points (every 2 steps, steps 0..20) follow the law exactly while the noisy step
+    points do not: the fit must be on the eval points, with the first 15% of the steps (steps
+    <= 3: 0 and 2) widened to 3 points."""
+    steps = list(range(0, 21, 2))
+    h = {s: 2.2 * np.exp(-s / 6) + 0.05 for s in steps}
+    records = [_step_record(s, 1.0, 0.5 if s % 3 else 0.9) for s in range(1, 21)]
+    by_step = {r["step"]: r for r in records}
+    for s in steps:
+        evals = {"eval/sample_entropy": h[s], "eval/avg@4": -A * math.exp(h[s]) + B,
+                 "eval/avg@4_se": 0.04, "eval/examples": 40}
+        if s == 0:
+            records.insert(0, {"step": 0, **evals})
+        else:
+            by_step[s].update(evals)
+    run = analyze_dirs([_write_run(tmp_path / "run", records, 20)])[0]
+    assert run.points.source == "held-out evaluations"
+    assert run.points.steps.tolist() == steps
+    assert run.early_fit.n_points == 3
+    assert (run.full_fit.a, run.full_fit.b) == (pytest.approx(A), pytest.approx(B))
+    assert run.early_rmse < 1e-9 and run.points.se.tolist() == [0.04] * 11
+
+
 def test_entropy_change_statistics_on_a_hand_built_log(tmp_path):
     # measured ~ x = [1, 2, 3, 4], predicted ~ y = [1, 3, 2, 4]: Pearson r = 4 / 5 = 0.8.
     x, y = np.array([1, 2, 3, 4.0]), np.array([1, 3, 2, 4.0])
@@ -98,12 +121,12 @@ def test_analyze_writes_report_and_plots(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["analyze", *runs, "--out", str(out), "--fit-percent", "20"]) == 0
     report = (out / "report.md").read_text()
-    for text in ("grpo", "klcov", "ceiling b-a", "first 4 steps", "rollout/entropy",
+    for text in ("grpo", "klcov", "ceiling b-a", "first 4 (steps 1, 2, 3, 4;", "rollout/entropy",
                  "reward/accuracy", *PLOT_FILES.values()):
         assert text in report, text
     for filename in PLOT_FILES.values():
         assert (out / filename).stat().st_size > 1000
-    assert "grpo: all 20 steps" in capsys.readouterr().out
+    assert "grpo: all 20 RL steps" in capsys.readouterr().out
 
 
 def test_analyze_defaults_to_the_run_directory(tmp_path):
@@ -143,7 +166,7 @@ def test_truncated_run_with_too_few_points(tmp_path, capsys):
                _step_record(2, 1.8, 0.3), _step_record(3, 1.7, 0.3)]
     run = _write_run(tmp_path / "run", records, planned_steps=16, tail='{"step": 4, "rollout/en')
     err = _error(capsys, run)
-    assert "3 steps with both 'rollout/entropy' and 'reward/accuracy'" in err
+    assert "3 points with both 'rollout/entropy' and 'reward/accuracy'" in err
     assert "needs at least 4" in err and "stopped before its 16 steps" in err
     only_eval = _write_run(tmp_path / "eval_only", records[:1])
     assert "no RL step recorded" in _error(capsys, only_eval)
@@ -172,15 +195,29 @@ def test_bad_fit_percent_is_a_usage_error(tmp_path, capsys):
 def _fake_run_records(loss, steps):
     """GRPO's entropy collapses early; the covariance methods keep more; reward follows the
     law; measured dH is proportional to the predicted one; held-out eval at 0 and at the end."""
-    floor = {"ppo_clip": 0.2, "clip_cov": 0.8, "kl_cov": 0.9}[loss]
+    floor = {"ppo_clip": 0.2, "clip_cov": 0.5, "kl_cov": 0.6}[loss]
     records = [{"step": 0, "eval/greedy_acc": 0.5, "eval/avg@4": 0.3, "eval/pass@4": 0.6,
                 "eval/examples": 40, "time/eval": 2.0}]
     for s in range(1, steps + 1):
         h = floor + (2.1 - floor) * math.exp(-(s - 1) / 1.5)
         cov = 0.05 + 0.3 * math.exp(-(s - 1) / 1.5) + 0.01 * (s % 3)
-        records.append(_step_record(s, h, -A * math.exp(h) + B, -0.2 * cov, -2e-5 * cov, cov))
+        records.append(_step_record(s, h, -A * math.exp(h) + B, -0.2 * cov, -2e-5 * cov, cov,
+                                    **{"entropy/dH_first_order": -0.19 * cov,
+                                       "entropy/dH_midpoint": -0.2 * cov + 1e-4 * (s % 2)}))
     records[-1].update({"eval/greedy_acc": 0.9, "eval/avg@4": 0.85, "eval/pass@4": 0.95,
                         "eval/examples": 40, "time/eval": 2.0})
+    return records
+
+
+def _fake_eval_records(loss, steps):
+    """`_fake_run_records` with an evaluation every 2 steps that logged its samples' entropy:
+    the points follow the law exactly (so the early fit predicts them)."""
+    records = _fake_run_records(loss, steps)
+    for r in records:
+        if r["step"] % 2 == 0:
+            h = r.get("rollout/entropy", 2.1)
+            r.update({"eval/sample_entropy": h, "eval/avg@4": -A * math.exp(h) + B,
+                      "eval/avg@4_se": 0.04, "eval/examples": 40})
     return records
 
 
@@ -190,8 +227,8 @@ def test_repro_trains_three_runs_reports_four_findings_and_skips_complete_runs(
 
     def fake_train(config):
         trained.append((config.algo.policy_loss, config.train.steps, config.train.run_dir))
-        _write_run(config.train.run_dir, _fake_run_records(config.algo.policy_loss,
-                                                           config.train.steps))
+        _write_run(config.train.run_dir, _fake_eval_records(config.algo.policy_loss,
+                                                            config.train.steps))
         with open(os.path.join(config.train.run_dir, "config.yaml"), "w") as f:
             yaml.safe_dump(to_dict(config), f)
         return 0
@@ -209,8 +246,9 @@ def test_repro_trains_three_runs_reports_four_findings_and_skips_complete_runs(
     for name in ("grpo", "clipcov", "klcov"):
         for filename in ("metrics.jsonl", "config.yaml", repro_lib.WALL_TIME_FILE):
             assert (out / name / filename).exists(), filename
-    assert "Total wall time of the three runs" in report
-    for filename in PLOT_FILES.values():
+    assert "Total wall time of the three runs" in report and "## Noise" in report
+    assert report.count("**on GRPO's curve**") == 2  # all runs follow the same law
+    for filename in [*PLOT_FILES.values(), repro_lib.CURVE_PLOT]:
         assert (out / filename).exists()
 
     trained.clear()
