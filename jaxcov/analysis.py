@@ -5,12 +5,15 @@ points, once on all steps and once on the first p% of steps (extrapolated to the
 checks how well the covariance-predicted entropy change tracks the measured one. It writes
 `report.md` and PNG plots.
 
-What is H and what is R (per RL step, from metrics.jsonl):
-  H = `rollout/entropy`: mean token entropy of the policy on the step's sampled responses,
-      before the step's update (the paper plots the entropy of the rollouts).
-  R = `reward/accuracy`: accuracy of the step's training batch (the first rollout round).
-Held-out `eval/*` points exist only at a few steps and have no entropy, so they are reported
-next to the fits, not fitted.
+What is H and what is R (from metrics.jsonl):
+  with at least MIN_FIT_POINTS + 1 held-out evaluations that logged their samples' entropy (as
+  `jaxcov repro` runs), one point per evaluation:
+    H = `eval/sample_entropy`: mean -log pi of the sampled tokens (the entropy at T = 1);
+    R = `eval/avg@k` on the same samples, with its standard error over problems;
+  otherwise one point per RL step:
+    H = `rollout/entropy`: mean token entropy of the policy on the step's sampled responses,
+        before the step's update (the paper plots the entropy of the rollouts);
+    R = `reward/accuracy`: accuracy of the step's training batch (the first rollout round).
 """
 
 from __future__ import annotations
@@ -550,7 +553,7 @@ def eval_section(analyses: list[RunAnalysis]) -> str:
                         f"({record.get('eval/examples', '?')} held-out problems)")
     if not rows:
         return ""
-    title = "## Held-out evaluation (not fitted: no entropy at these points)"
+    title = "## Held-out evaluations"
     return title + "\n\n" + "\n".join(rows) + "\n"
 
 

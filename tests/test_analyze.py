@@ -317,3 +317,16 @@ def _law_run_record(i, measured, first, midpoint):
                         **{"entropy/dH_first_order": float(first),
                            "entropy/dH_midpoint": float(midpoint),
                            "entropy/dH_share_top0.2pct": 0.25})
+
+
+def test_eval_metrics_by_hand():
+    """avg@k's standard error is over problems (a problem's samples are correlated): per-problem
+    means 0.5, 1, 0 -> SD 0.5 -> SE 0.5 / sqrt(3); entropy = summed -log q / tokens."""
+    from jaxcov.evaluation import sampled_metrics
+
+    correct = np.array([[1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]], bool)
+    m = sampled_metrics(correct, nll_sum=6.0, tokens=4)
+    assert m["eval/avg@4"] == pytest.approx(0.5)
+    assert m["eval/avg@4_se"] == pytest.approx(0.5 / math.sqrt(3))
+    assert m["eval/pass@4"] == pytest.approx(2 / 3)
+    assert m["eval/sample_entropy"] == pytest.approx(1.5)
