@@ -69,14 +69,25 @@ def eval_command(args) -> int:
 # ---------------------------------------------------------------------------------- generate
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse prints the usage line and exits 2 otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def _generate_args(p):
     p.add_argument("model", help="model name, HF directory or .gguf file")
     p.add_argument("--prompt", action="append", required=True, help="user message (repeatable)")
-    p.add_argument("-n", type=int, default=1, help="samples per prompt")
+    p.add_argument("-n", type=_positive_int, default=1, help="samples per prompt")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--system", default=None, help="system prompt (default: the template's)")
 

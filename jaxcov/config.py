@@ -12,6 +12,7 @@ name; the loader adds the section and the file to the message.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
@@ -561,6 +562,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             value = float(value)  # YAML 1.1 reads `1e-6` (no dot) as a string
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         _require(ok, key, f"expected a number, got {value!r}")
+        _require(math.isfinite(value), key, f"must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         _require(isinstance(value, str), key, f"expected a string, got {value!r}")
@@ -615,9 +617,11 @@ def _deep_copy(values: dict) -> dict:
 def read_yaml(path: str) -> dict:
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         try:
             values = yaml.safe_load(f)
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
         except yaml.YAMLError as e:
             line = getattr(getattr(e, "problem_mark", None), "line", None)
             where = f" (line {line + 1})" if line is not None else ""

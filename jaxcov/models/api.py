@@ -7,15 +7,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import struct
 from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from jaxcov.config import MeshConfig
+from jaxcov.config import ConfigError, MeshConfig
 from jaxcov.models import attention as attn_lib
 from jaxcov.models import llama
 from jaxcov.models.llama import LlamaConfig, Params, is_spec, param_specs
@@ -101,6 +103,32 @@ def run_options_for(mesh: Optional[Mesh], compute_dtype: str, remat: str, attent
                 attention=attn_lib.resolve(attention, platform, compute_dtype), platform=platform)
 
 
+# What reading a damaged model file raises (truncated, empty or garbage GGUF / safetensors, a
+# malformed config.json, a tensor missing in one layer): an input error, not a bug.
+MODEL_FILE_ERRORS = (ValueError, KeyError, OSError, EOFError, IndexError, struct.error,
+                     UnicodeDecodeError)
+
+
+@contextlib.contextmanager
+def _model_file_errors(path: str):
+    """Turns a damaged model file's exception into one ConfigError line naming the file."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except MODEL_FILE_ERRORS + (_safetensor_error(),) as e:
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ConfigError(f"{path}: cannot load the model: {type(e).__name__}: {reason}") from None
+
+
+def _safetensor_error() -> type:
+    try:
+        from safetensors import SafetensorError
+        return SafetensorError
+    except ImportError:  # older safetensors: its errors are OSError / ValueError
+        return OSError
+
+
 def load_model(source: str = "smollm2-135m-instruct", mesh: Optional[Mesh] = None,
                dtype: str = "float32", compute_dtype: Optional[str] = None,
                remat: str = "full", with_tokenizer: bool = True, tokenizer: str = "",
@@ -124,12 +152,15 @@ def load_model(source: str = "smollm2-135m-instruct", mesh: Optional[Mesh] = Non
     mesh = mesh if mesh is not None else make_mesh(MeshConfig())
     run_options = run_options_for(mesh, compute_dtype or dtype, remat, attention,
                                   attention_block, platform)
-    tok = load_tokenizer(tokenizer or source) if with_tokenizer or source.startswith(
-        RANDOM_PREFIX) else None
+    with _model_file_errors(tokenizer or source):
+        tok = load_tokenizer(tokenizer or source) if with_tokenizer or source.startswith(
+            RANDOM_PREFIX) else None
     if source.startswith(RANDOM_PREFIX):
         cfg = tiny_config(source[len(RANDOM_PREFIX):], vocab_size=len(tok), **run_options)
         params = init_params(cfg, jax.random.key(seed), mesh, dtype=jnp.dtype(dtype))
     else:
         kind, path = resolve_model_source(source)
-        cfg, params = load_checkpoint(kind, path, mesh, dtype=jnp.dtype(dtype), **run_options)
+        with _model_file_errors(path):
+            cfg, params = load_checkpoint(kind, path, mesh, dtype=jnp.dtype(dtype),
+                                          **run_options)
     return Model(config=cfg, params=params, mesh=mesh, tokenizer=tok if with_tokenizer else None)

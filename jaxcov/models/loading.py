@@ -246,11 +246,20 @@ class GGUFSource:
 # ------------------------------------------------------------------------- streaming loader
 
 
-def _leaf_reader(source, name: str, convert: Callable, stacked: bool, num_layers: int):
-    """index -> numpy block of our leaf, reading only the layers the index selects."""
+def _leaf_reader(source, name: str, convert: Callable, stacked: bool, num_layers: int,
+                 shape: tuple):
+    """index -> numpy block of our leaf (one layer's `shape`), reading only the layers the index
+    selects; a missing or wrong-shaped tensor is a ConfigError naming it."""
     @functools.lru_cache(maxsize=2)  # shards of one leaf usually ask for the same layer in turn
     def layer_tensor(i):
-        return convert(source.get(name.format(i=i)))
+        tensor_name = name.format(i=i)
+        if tensor_name not in source:
+            raise ConfigError(f"checkpoint is missing tensor {tensor_name}")
+        tensor = convert(source.get(tensor_name))
+        if tuple(tensor.shape) != tuple(shape):
+            raise ConfigError(f"checkpoint tensor {tensor_name} has shape {list(tensor.shape)}, "
+                              f"the config asks for {list(shape)}")
+        return tensor
 
     def read(index: tuple) -> np.ndarray:
         if not stacked:
@@ -270,7 +279,8 @@ def load_params(source, layout: dict, cfg: LlamaConfig, mesh: Mesh, dtype) -> Pa
         stacked = path.startswith("layers/")
         if (name.format(i=0) if stacked else name) not in source:
             raise ConfigError(f"checkpoint is missing tensor {name.format(i=0)} (for {path})")
-        read = _leaf_reader(source, name, convert, stacked, cfg.num_layers)
+        read = _leaf_reader(source, name, convert, stacked, cfg.num_layers,
+                            spec.shape[1:] if stacked else spec.shape)
         sharding = named_sharding(mesh, spec.axes, spec.shape)
         flat[path] = jax.make_array_from_callback(
             spec.shape, sharding, lambda idx, r=read: np.asarray(r(idx), dtype=dtype))
