@@ -10,7 +10,7 @@ import pytest
 from jaxcov.config import ConfigError, ExperimentConfig, OverlongConfig, RewardConfig
 from jaxcov.rewards import (RewardScorer, close_scorers, extract_answer, last_boxed,
                             overlong_penalty, score_batch)
-from jaxcov.rewards.extract import brace_depth
+from jaxcov.rewards.extract import Extraction, brace_depth
 from jaxcov.rewards.math_answers import clean_answer, integer_verdict, precheck
 
 
@@ -99,7 +99,9 @@ ANSWER_TABLE = [
     ("5", "\\fbox{5}", True),
     ("5", "\\boxed{}", False),
     ("5", "\\boxed{5} wait, \\boxed{7", False),        # revised to a broken 7: not the 5
-    ("5", "\\boxed{5", True),                          # broken box: last-number fallback finds 5
+    ("5", "\\boxed{5", False),                         # broken box: the answer was cut off
+    ("5", "\\boxed{{{{5", False),                      # no fallback to the number in it either
+    ("5", "The answer is 5. \\boxed{", False),
     # fallbacks (default extractors: boxed, answer_is, last_number)
     ("42", "The answer is 42.", True),
     ("0.75", "Answer: $\\frac{3}{4}$", True),
@@ -116,7 +118,7 @@ KNOWN_MATH_VERIFY_MISSES = [
 ]
 
 # With extractors=("boxed",) only a well-formed box counts.
-STRICT_DIFFERENCES = {"\\boxed{5": False, "The answer is 42.": False,
+STRICT_DIFFERENCES = {"The answer is 42.": False,
                       "Answer: $\\frac{3}{4}$": False, "**Final Answer:** 42": False,
                       "First 41, then 42": False}
 
@@ -155,8 +157,8 @@ def test_strict_extractors_refuse_unboxed_answers():
         rewards, metrics = _score(strict, ANSWER_TABLE)
     for (gold, response, verdict), reward in zip(ANSWER_TABLE, rewards):
         assert bool(reward) == STRICT_DIFFERENCES.get(response, verdict), (gold, response)
-    # the 5 unboxed answers, 2 broken boxes and 1 empty box
-    assert metrics["reward/no_answer"] == pytest.approx(8 / len(ANSWER_TABLE))
+    # the 5 unboxed answers, 4 broken boxes and 1 empty box
+    assert metrics["reward/no_answer"] == pytest.approx(10 / len(ANSWER_TABLE))
 
 
 # --------------------------------------------------------------------------- extraction
@@ -185,6 +187,9 @@ def test_last_boxed(text, expected):
     ("x \\boxed{2} then 5", ("last_number", "boxed"), ("5", "last_number")),
     ("x \\boxed{2} then 5", ("boxed", "last_number"), ("2", "boxed")),
     ("nothing here", ("boxed", "answer_is", "last_number"), None),
+    ("\\boxed{{{{5", ("boxed", "answer_is", "last_number"), None),  # cut off: no guessing
+    ("Answer: 4. \\boxed{4", ("boxed", "answer_is"), None),
+    ("\\boxed{{{{5", ("last_number",), ("5", "last_number")),  # without boxes, boxes mean nothing
 ])
 def test_extract_answer(text, extractors, expected):
     found = extract_answer(text, extractors)
@@ -248,6 +253,20 @@ def test_adversarial_answers_score_zero_within_the_bound():
     print(f"adversarial batch: {elapsed:.2f} s")
     assert elapsed < math.ceil(len(HANGS) / workers) * timeout_s * 5 + 5.0
     assert again.tolist() == [1.0, 0.0]
+
+
+def test_deeply_nested_boxes_unwrap_in_linear_time(scorer):
+    # 20,000 boxes around a 5 (160 kB). Unwrapping box by box rescans the rest each time: that
+    # took 14 s at depth 5,000 and would take minutes here. One matching pass takes milliseconds.
+    depth = 20_000
+    response = "\\boxed{" * depth + "5" + "}" * depth
+    start = time.monotonic()
+    extraction = extract_answer(response)
+    rewards, _ = _score(scorer, [("5", response, True)])
+    elapsed = time.monotonic() - start
+    assert extraction == Extraction("5", "boxed")
+    assert rewards.tolist() == [1.0]
+    assert elapsed < 2.0, f"{elapsed:.1f} s"
 
 
 def test_scoring_is_deterministic_across_pool_sizes(scorer):

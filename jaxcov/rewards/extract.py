@@ -4,7 +4,8 @@ Extractors are tried in the configured order; the first that finds something win
 
 - `boxed`: the last top-level `\\boxed{...}` (or `\\fbox{...}`), nested braces included. A box
   inside a box belongs to the outer one. If the last `\\boxed{` never closes (a truncated
-  response), this extractor finds nothing: we never fall back to an answer the model revised.
+  response), no extractor finds anything: the final answer was cut off, and neither a number
+  inside the open box nor an earlier answer the model revised may stand in for it.
 - `answer_is`: the rest of the line after the last "answer is" / "answer:" (DAPO's `Answer:`).
 - `last_number`: the last number in the text (`-12`, `3.5`, `1,000`, `3/4`).
 
@@ -55,31 +56,62 @@ def matching_brace(text: str, open_index: int) -> int:
 
 def last_boxed(text: str) -> Optional[str]:
     """Content of the last top-level `\\boxed{...}`; None if absent or if the last one is broken."""
+    content, _ = _last_box(text)
+    return content
+
+
+def ends_in_unclosed_box(text: str) -> bool:
+    """Whether the last top-level `\\boxed{` never closes (a truncated or broken final answer)."""
+    return _last_box(text)[1]
+
+
+def _last_box(text: str) -> tuple[Optional[str], bool]:
+    """(content of the last top-level box or None, whether that last box is unclosed)."""
     found = None
     position = 0
     while True:
         match = _BOX_OPENERS.search(text, position)
         if match is None:
-            return found
+            return found, False
         open_index = match.end() - 1
         close_index = matching_brace(text, open_index)
         if close_index < 0:
-            return None  # the last box is unclosed: the final answer is broken
-        found = _unwrap_boxes(text[open_index + 1:close_index])
+            return None, True
+        found = _unwrap_boxes(text, open_index + 1, close_index)
         position = close_index + 1  # boxes nested inside this one are part of it
 
 
-def _unwrap_boxes(content: str) -> str:
-    """`\\boxed{\\boxed{5}}` means 5: strip boxes that wrap the whole content."""
+_SPACES = re.compile(r"\s*")
+
+
+def _unwrap_boxes(text: str, start: int, end: int) -> str:
+    """`\\boxed{\\boxed{5}}` means 5: strip boxes that wrap the whole of `text[start:end]`.
+
+    The braces are matched once for the whole span, so deep nesting costs linear time.
+    """
+    closing = _closing_braces(text, start, end)
     while True:
-        match = _BOX_OPENERS.match(content.strip())
-        if match is None:
-            return content
-        inner = content.strip()
-        close_index = matching_brace(inner, match.end() - 1)
-        if close_index != len(inner) - 1:
-            return content
-        content = inner[match.end():close_index]
+        lo = _SPACES.match(text, start, end).end()
+        hi = end
+        while hi > lo and text[hi - 1].isspace():
+            hi -= 1
+        match = _BOX_OPENERS.match(text, lo, hi)
+        if match is None or closing.get(match.end() - 1) != hi - 1:
+            return text[start:end]
+        start, end = match.end(), hi - 1
+
+
+def _closing_braces(text: str, start: int, end: int) -> dict[int, int]:
+    """Index of each unescaped `{` in `text[start:end]` -> index of its matching `}`."""
+    opened: list[int] = []
+    closing: dict[int, int] = {}
+    for token in _BRACE_TOKENS.finditer(text, start, end):
+        ch = token.group(0)
+        if ch == "{":
+            opened.append(token.start())
+        elif ch == "}" and opened:
+            closing[opened.pop()] = token.start()
+    return closing
 
 
 def answer_after_anchor(text: str) -> Optional[str]:
@@ -113,6 +145,8 @@ _EXTRACTOR_FNS = {"boxed": last_boxed, "answer_is": answer_after_anchor, "last_n
 
 def extract_answer(text: str, extractors: Sequence[str] = EXTRACTORS) -> Optional[Extraction]:
     """The final answer of a response by the first extractor (in order) that finds one."""
+    if "boxed" in extractors and ends_in_unclosed_box(text):
+        return None  # the final answer was cut off: no other extractor may guess it
     for name in extractors:
         answer = _EXTRACTOR_FNS[name](text)
         if answer is not None and answer.strip():
