@@ -90,13 +90,21 @@ def _generate_args(p):
     p.add_argument("--max-new-tokens", type=_positive_int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--system", default=None, help="system prompt (default: the template's)")
+    _tokenizer_arg(p)
+
+
+def _tokenizer_arg(p):
+    p.add_argument("--tokenizer", default="", help="tokenizer directory, .gguf file or model "
+                   "name (default: the model's own; for a directory without tokenizer files)")
 
 
 @command("generate", _generate_args)
 def generate_command(args) -> int:
     """Samples responses to chat prompts with the jitted sampler."""
+    from jaxcov.models.api import check_tokenizer_source
     from jaxcov.sampler import generate_cli
 
+    check_tokenizer_source(args.model, args.tokenizer, "generate")  # one line, before the load
     return generate_cli(args)
 
 
@@ -107,15 +115,17 @@ def _export_args(p):
     p.add_argument("model", help="model name, HF directory or .gguf file")
     p.add_argument("out_dir", help="directory to write config.json + model.safetensors to")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    _tokenizer_arg(p)
 
 
 @command("export", _export_args)
 def export_command(args) -> int:
     """Exports a model to an HF directory that transformers loads unchanged."""
     from jaxcov.models.api import load_model
-    from jaxcov.models.loading import export_hf
+    from jaxcov.models.loading import check_export_dir, export_hf
 
-    model = load_model(args.model)
+    check_export_dir(args.out_dir)  # before the (possibly long) load
+    model = load_model(args.model, tokenizer=args.tokenizer)
     export_hf(args.out_dir, model.params, model.config, model.tokenizer, dtype=args.dtype)
     print(f"wrote {args.out_dir}")
     return 0
@@ -208,8 +218,20 @@ def lower_command(args) -> int:
 # ------------------------------------------------------------------------------------- main
 
 
+class UsageError(ConfigError):
+    """A command line that argparse rejects."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one `jaxcov: error:` line like every other bad input (argparse
+    itself prints the usage block and a `jaxcov <command>: error:` line, and exits)."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jaxcov", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="jaxcov", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (fn, add_arguments) in COMMANDS.items():
         p = sub.add_parser(name, help=(fn.__doc__ or "").splitlines()[0])
@@ -218,9 +240,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    """The command line, with `section.key=value` overrides allowed after options too
+    (`eval CFG --checkpoint RUN k=v`): argparse fills the `overrides` list only where it first
+    meets it and would call later overrides unrecognized arguments."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all(_is_override(a) for a in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def _is_override(text: str) -> bool:
+    return "=" in text and not text.startswith("-")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = parse_args(argv)
         return int(args.run(args) or 0)
     except (ConfigError, FileNotFoundError) as e:
         print(f"{_process_label()}jaxcov: error: {e}", file=sys.stderr)

@@ -38,7 +38,9 @@ class ModelConfig:
     Attributes:
       name: a registered name (`smollm2-135m-instruct`), an HF directory, a `.gguf` file, or
         `random:<family>` (a tiny random model: llama, llama-tied, mistral, qwen2, qwen3).
-      tokenizer: where the tokenizer comes from when not from `name` (needed for random:).
+      tokenizer: where the tokenizer comes from when not from `name`: a directory with
+        tokenizer files, a `.gguf` file or a registered name (needed for random:, and for a
+        model directory without tokenizer files, e.g. a plain `save_pretrained` of a model).
       param_dtype: dtype the parameters are stored and updated in.
       compute_dtype: dtype of matmuls and activations (softmax, norms and log-probs stay fp32).
       remat: rematerialisation policy of each layer: none | full | dots | dots_no_batch.
@@ -47,7 +49,6 @@ class ModelConfig:
       attention_block: query/key block of chunked attention (and the length up to which the
         CPU path keeps the whole softmax).
       logits_chunk: sequence chunk for log-prob/entropy so full B x T x V logits never exist at once.
-      max_seq_len: longest prompt + response the run may use.
     """
 
     name: str = "smollm2-135m-instruct"
@@ -58,9 +59,14 @@ class ModelConfig:
     attention: Literal["auto", "dense", "chunked", "splash", "cudnn"] = "auto"
     attention_block: int = 512
     logits_chunk: int = 128
-    max_seq_len: int = 1024
 
     def __post_init__(self):
+        if self.name.startswith("random:"):
+            from jaxcov.models.presets import TINY_CONFIGS  # imports jax: only for random:
+
+            family = self.name[len("random:"):]
+            _require(family in TINY_CONFIGS, "name", f"{self.name}: no such random model "
+                     f"(random:<family>, the families: {', '.join(TINY_CONFIGS)})")
         _require(not self.name.startswith("random:") or bool(self.tokenizer), "tokenizer",
                  f"a random model ({self.name}) needs a tokenizer source")
         _require(self.attention_block > 0 and self.attention_block % 8 == 0, "attention_block",
@@ -68,7 +74,6 @@ class ModelConfig:
         _require(self.attention != "cudnn" or self.compute_dtype == "bfloat16", "attention",
                  "cudnn needs compute_dtype bfloat16 (cuDNN flash attention takes no fp32)")
         _require(self.logits_chunk > 0, "logits_chunk", f"must be > 0, got {self.logits_chunk}")
-        _require(self.max_seq_len > 0, "max_seq_len", f"must be > 0, got {self.max_seq_len}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -475,6 +480,11 @@ class TrainConfig:
     entropy_rows: int = 8
 
     @property
+    def updates_per_step(self) -> int:
+        """Optimizer updates of one RL step: ppo_epochs passes over its mini-batches."""
+        return self.ppo_epochs * (self.prompts_per_step // self.mini_batch_prompts)
+
+    @property
     def checkpoints(self) -> str:
         """The checkpoint directory this run writes and resumes from."""
         return self.checkpoint_dir or os.path.join(self.run_dir, "checkpoints")
@@ -507,6 +517,22 @@ class ExperimentConfig:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     seed: int = 0
+
+    # The derived batch sizes: every module takes them from here.
+    @property
+    def step_rows(self) -> int:
+        """Responses of one RL step: prompts_per_step x group_size."""
+        return self.train.prompts_per_step * self.algo.group_size
+
+    @property
+    def mini_batch_rows(self) -> int:
+        """Rows of one optimizer update: mini_batch_prompts x group_size."""
+        return self.train.mini_batch_prompts * self.algo.group_size
+
+    @property
+    def micro_batch_rows(self) -> int:
+        """Rows of one gradient-accumulation pass (train.micro_batch_size; 0: the mini-batch)."""
+        return self.train.micro_batch_size or self.mini_batch_rows
 
 
 # --------------------------------------------------------------------------- building from dicts

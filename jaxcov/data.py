@@ -50,7 +50,8 @@ class BadRow(ValueError):
 def read_records(path: str, split: str = "train") -> Iterator[tuple[int, Any]]:
     """Yields (1-based row number, record) from a jsonl, parquet or HF `save_to_disk` source.
 
-    A jsonl line that is not JSON is yielded as a `BadRow` instead of a record.
+    A jsonl line that is not UTF-8 or not JSON is yielded as a `BadRow` instead of a record;
+    a file that cannot be read at all (e.g. a damaged parquet file) raises DataError.
     """
     if os.path.isdir(path):
         yield from enumerate(_read_hf_directory(path, split), start=1)
@@ -59,22 +60,42 @@ def read_records(path: str, split: str = "train") -> Iterator[tuple[int, Any]]:
     elif path.endswith(".jsonl"):
         yield from _read_jsonl(path)
     elif path.endswith(".parquet"):
-        import pyarrow.parquet as pq
-        yield from enumerate(pq.read_table(path).to_pylist(), start=1)
+        yield from enumerate(_read_parquet(path), start=1)
     else:
         raise DataError(f"{path}: unsupported dataset file (expected .jsonl, .parquet or a "
                         "directory saved by datasets.save_to_disk)")
 
 
 def _read_jsonl(path: str) -> Iterator[tuple[int, Any]]:
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    with open(path, "rb") as f:  # decoded line by line: a non-UTF-8 line is one bad row
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield number, BadRow(f"not UTF-8 text (byte 0x{raw[e.start]:02x} at offset "
+                                     f"{e.start})")
+                continue
             if not line.strip():
                 continue
             try:
                 yield number, json.loads(line)
             except json.JSONDecodeError as e:
                 yield number, BadRow(f"not valid JSON ({e.msg})")
+
+
+def _read_parquet(path: str) -> list:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except (pa.ArrowException, OSError) as e:  # not parquet, truncated, unreadable
+        raise DataError(f"{path}: cannot read it as parquet: {_first_line(e)}") from None
+
+
+def _first_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def _read_hf_directory(path: str, split: str) -> list:
@@ -297,6 +318,14 @@ def _finish(name: str, examples: list, stats: dict, tokenizer, config: DataConfi
                         f"{stats['bad_rows']} bad, {too_long} longer than max_prompt_len="
                         f"{config.max_prompt_len} tokens)")
     return PromptDataset(name, kept, stats)
+
+
+def check_dataset_sources(config: DataConfig) -> None:
+    """Reads the dataset files once without a tokenizer: a missing or unreadable file or a bad
+    row is a DataError before the model loads (generated datasets cannot be bad)."""
+    for source in filter(None, (config.source, config.eval_source)):
+        if source not in synthetic.GENERATORS:
+            read_examples(source, config)
 
 
 def load_datasets(config: DataConfig, tokenizer) -> tuple[PromptDataset, Optional[PromptDataset]]:

@@ -25,7 +25,7 @@ from jaxcov.models.api import abstract_params, run_options_for
 from jaxcov.models.llama import LlamaConfig
 from jaxcov.optim import make_optimizer
 from jaxcov.sharding import named_sharding
-from jaxcov.update import MiniBatch
+from jaxcov.update import MiniBatch, guarded_update
 
 PROGRAMS = ("score", "update", "sample")
 # Typed keys do not round-trip through jax.export's argument trees: programs take key data.
@@ -63,7 +63,7 @@ def lower_programs(config: ExperimentConfig, platform: str, mesh: Mesh, rows: in
 
     cfg = target_architecture(config, platform)
     t, s = config.train, config.sampler
-    rows = rows or t.mini_batch_prompts * config.algo.group_size
+    rows = rows or config.mini_batch_rows
     seq = seq or s.max_prompt_len + s.max_new_tokens
     params = abstract_params(cfg, mesh, jnp.dtype(config.model.param_dtype))
     tokens = _rows(mesh, (rows, seq), jnp.int32)
@@ -80,8 +80,6 @@ def lower_programs(config: ExperimentConfig, platform: str, mesh: Mesh, rows: in
 
 
 def _export_update(config, cfg, mesh, params, logprob_fn, rows, seq, platform):
-    from jaxcov.trainer import _guarded_update
-
     optimizer, _ = make_optimizer(config.optim, max(1, config.train.steps))
     opt_state = jax.eval_shape(optimizer.init, params)
     floats = _rows(mesh, (rows, seq), jnp.float32)
@@ -90,7 +88,7 @@ def _export_update(config, cfg, mesh, params, logprob_fn, rows, seq, platform):
                       response_mask_bt=floats, old_logp_bt=floats, advantages_bt=floats,
                       ref_logp_bt=floats if config.algo.ref_kl_coef > 0 else None)
     micro = config.train.micro_batch_size or rows
-    update = functools.partial(_guarded_update, logprob_fn=logprob_fn, optimizer=optimizer,
+    update = functools.partial(guarded_update, logprob_fn=logprob_fn, optimizer=optimizer,
                                algo=config.algo, micro_batch_size=micro, mesh=mesh)
     with_key = lambda p, o, b, key_data, lr: update(  # noqa: E731
         p, o, b, jax.random.wrap_key_data(key_data), lr)

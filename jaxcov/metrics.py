@@ -134,6 +134,27 @@ def summary_table(records: list[dict], keys: Iterable[str] = SUMMARY_KEYS) -> st
     return "\n".join(rows)
 
 
+# Held-out metrics the summary compares before and after training (avg@k / pass@k by prefix).
+EVAL_SUMMARY_PREFIXES = ("eval/greedy_acc", "eval/avg@", "eval/pass@", "eval/sample_entropy")
+
+
+def eval_summary(records: list[dict]) -> str:
+    """The held-out metrics of the first eval (step 0: the model before training) and of the
+    last one, as a text table; '' when the run has evaluated at most once."""
+    evals = [r for r in records if "eval/examples" in r]
+    if len(evals) < 2:
+        return ""
+    first, last = evals[0], evals[-1]
+    keys = [k for k in last if k.startswith(EVAL_SUMMARY_PREFIXES) and not k.endswith("_se")
+            and first.get(k) is not None and last[k] is not None]
+    rows = [f"held-out eval ({last['eval/examples']} prompts)",
+            f"{'metric':28}{'step ' + str(first['step']):>10}{'step ' + str(last['step']):>10}"
+            f"{'change':>10}"]
+    for key in keys:
+        rows.append(f"{key:28}{first[key]:10.4g}{last[key]:10.4g}{last[key] - first[key]:+10.4g}")
+    return "\n".join(rows)
+
+
 def write_plots(run_dir: str, records: list[dict]) -> list[str]:
     """PNG plots of reward, entropy and covariance against step; returns the written paths."""
     import matplotlib

@@ -52,6 +52,7 @@ from jaxcov.optim import make_optimizer
 from jaxcov.continuous import slot_count
 from jaxcov.sampler import batch_bucket, bucket
 from jaxcov.sharding import MESH_AXES, logical_spec, mesh_shape
+from jaxcov.update import MiniBatch
 
 GIB = 1024 ** 3
 USABLE_FRACTION = 0.9  # of HBM; the rest is headroom for what the estimate cannot see
@@ -213,7 +214,6 @@ def run_shapes(config: ExperimentConfig, mesh: AbstractMesh) -> RunShapes:
     s, t = config.sampler, config.train
     longest_prompt = min(config.data.max_prompt_len, s.max_prompt_len)  # longer: dropped/refused
     prompt_slots = bucket(longest_prompt, s.min_bucket)
-    mini_rows = t.mini_batch_prompts * config.algo.group_size
     slotted = s.engine == "continuous"  # whole prompts per batch shard, then n items each
 
     def prompts_and_slots(prompts: int, n: int) -> tuple[int, int]:
@@ -229,8 +229,8 @@ def run_shapes(config: ExperimentConfig, mesh: AbstractMesh) -> RunShapes:
         prompt_slots=prompt_slots,
         cache_slots=prompt_slots + bucket(s.max_new_tokens, s.min_bucket),
         train_seq=bucket(longest_prompt, s.min_bucket, s.max_prompt_len) + s.max_new_tokens,
-        step_rows=t.prompts_per_step * config.algo.group_size, mini_rows=mini_rows,
-        micro_rows=t.micro_batch_size or mini_rows)
+        step_rows=config.step_rows, mini_rows=config.mini_batch_rows,
+        micro_rows=config.micro_batch_rows)
 
 
 def held_out_prompts(config: ExperimentConfig) -> int:
@@ -345,8 +345,7 @@ def sampler_dtype(config: ExperimentConfig):
 
 
 def total_updates(config: ExperimentConfig) -> int:
-    t = config.train
-    return t.steps * t.ppo_epochs * (t.prompts_per_step // t.mini_batch_prompts)
+    return config.train.steps * config.train.updates_per_step
 
 
 # ------------------------------------------------------------------------------------- state
@@ -474,10 +473,16 @@ def embedding_item(phase: str, cfg: LlamaConfig, mesh, dtype) -> Item:
                       mesh)
 
 
+# The scorer's per-token outputs (log-probs, entropy) that the step batch holds beside them.
+SCORER_OUTPUTS = 2
+
+
 def step_batch_fields(config: ExperimentConfig) -> int:
-    """Step-batch arrays of `trainer.prepare_batch`: tokens, two masks, old log-probs,
-    advantages (+ reference log-probs), and the scorer's log-prob and entropy outputs."""
-    return 7 + (config.algo.ref_kl_coef > 0)
+    """Step-batch arrays of `trainer.prepare_batch`: the `MiniBatch` fields (reference
+    log-probs only with a KL term) and the scorer's outputs."""
+    fields = [f.name for f in dataclasses.fields(MiniBatch)]
+    unused = 0 if config.algo.ref_kl_coef > 0 else 1  # ref_logp_bt
+    return len(fields) - unused + SCORER_OUTPUTS
 
 
 def combined(name: str, *items: Item) -> Item:
@@ -639,7 +644,7 @@ def mesh_candidates(config: ExperimentConfig, devices: int, cfg: LlamaConfig) ->
 
 def micro_candidates(config: ExperimentConfig, mesh: MeshConfig) -> list[int]:
     """Micro-batch sizes the trainer accepts on `mesh`, largest (fastest) first."""
-    rows = config.train.mini_batch_prompts * config.algo.group_size
+    rows = config.mini_batch_rows
     multiple = mesh.data * mesh.fsdp
     return [m for m in range(rows, 0, -1) if rows % m == 0 and m % multiple == 0]
 

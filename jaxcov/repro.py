@@ -417,7 +417,7 @@ def setup_section(configs: list[tuple[str, ExperimentConfig]], archived: dict[st
         lines.append(
             f"- {label} (`{name}`): `{c.model.name}`, `{c.data.source}`, loss `{a.policy_loss}`"
             f"{extra.get(a.policy_loss, '')}; {t.steps} steps x {t.prompts_per_step} prompts x "
-            f"{a.group_size} samples, {t.prompts_per_step // t.mini_batch_prompts * t.ppo_epochs} "
+            f"{a.group_size} samples, {t.updates_per_step} "
             f"updates per step, lr {c.optim.lr}, seed {c.seed}; wall time "
             f"{_minutes(wall)} ({seconds / 60:.1f} min in steps and evals)")
     lines.append(f"\nTotal wall time of the three runs: {total_wall / 60:.1f} min "

@@ -434,12 +434,11 @@ def generate_text(model, texts: Sequence[str], key: jax.Array,
                   config: SamplerConfig = SamplerConfig(), n: int = 1,
                   system: Optional[str] = None, chat: Optional[bool] = None) -> list[Completion]:
     """Samples n responses to each user message and decodes them (prompt-major order)."""
-    if model.tokenizer is None:
-        raise ConfigError("generate_text needs a model loaded with its tokenizer")
+    tokenizer = model.require_tokenizer("generate")
     if len(texts) == 0:
         raise ValueError("generate: the prompt list is empty")
-    rollout = generate(model, encode_prompts(model.tokenizer, texts, system, chat), key, config, n)
-    decoded = decode_responses(model.tokenizer, rollout)
+    rollout = generate(model, encode_prompts(tokenizer, texts, system, chat), key, config, n)
+    decoded = decode_responses(tokenizer, rollout)
     lengths = to_host(rollout.response_lengths).tolist()
     return [Completion(r // n, r % n, text, lengths[r], reason)
             for r, (text, reason) in enumerate(zip(decoded, rollout.finish_reasons()))]
@@ -450,14 +449,12 @@ def generate_cli(args: argparse.Namespace) -> int:
     --max-new-tokens --seed --system]`: prints each completion, then timing on stderr."""
     from jaxcov.models.api import load_model
 
-    config = SamplerConfig(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, compute_dtype=getattr(args, "dtype", None),
-        max_prompt_len=getattr(args, "max_prompt_len", None) or SamplerConfig.max_prompt_len)
-    model = load_model(args.model, tokenizer=getattr(args, "tokenizer", "") or "")
+    config = SamplerConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                           top_k=args.top_k, top_p=args.top_p)
+    model = load_model(args.model, tokenizer=args.tokenizer)
     start = time.perf_counter()
     completions = generate_text(model, args.prompt, jax.random.key(args.seed), config, args.n,
-                                system=getattr(args, "system", None))
+                                system=args.system)
     seconds = time.perf_counter() - start
     for c in completions:
         print(f"=== prompt {c.prompt_index + 1}, sample {c.sample_index + 1} "

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import signal
 import sys
@@ -32,7 +33,6 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-import yaml
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxcov import advantages as advantages_lib
@@ -40,20 +40,21 @@ from jaxcov import batch as batch_lib
 from jaxcov import compiles
 from jaxcov import distributed
 from jaxcov import instrument
-from jaxcov.checkpoint import Checkpointer
+from jaxcov import rundir
+from jaxcov.checkpoint import CheckpointSaveError, Checkpointer, exit_abandoning_failed_saves
 from jaxcov.config import ConfigError, ExperimentConfig, SamplerConfig, load_config, to_dict
-from jaxcov.data import PromptIterator, load_datasets
+from jaxcov.data import PromptIterator, check_dataset_sources, load_datasets
 from jaxcov.entropy import masked_mean
 from jaxcov.evaluation import evaluate
-from jaxcov.metrics import (MetricsSink, make_sink, read_metrics, summary_table, write_plots,
-                            METRICS_FILE)
-from jaxcov.models.api import Model, load_model
+from jaxcov.metrics import (METRICS_FILE, MetricsSink, eval_summary, make_sink, read_metrics,
+                            summary_table, write_plots)
+from jaxcov.models.api import Model, check_tokenizer_source, load_model
 from jaxcov.models.logprobs import token_logprobs
 from jaxcov.optim import make_optimizer
 from jaxcov.rewards import close_scorers
 from jaxcov.sampler import bucket, dataset_prompt_width, generate
 from jaxcov.sharding import batch_size_multiple, constrain, make_mesh, named_sharding
-from jaxcov.update import MiniBatch, merge_micro_batches, split_micro_batches, update_policy
+from jaxcov.update import MiniBatch, make_update_fn, merge_micro_batches, split_micro_batches
 from jaxcov.xla_cpu import model_compile_options
 
 
@@ -67,13 +68,12 @@ class TrainingStopped(RuntimeError):
 def check_batch_shapes(config: ExperimentConfig, mesh) -> None:
     """Fails before any compile when batch sizes do not fit the mesh or each other."""
     t, n = config.train, config.algo.group_size
-    rows = t.mini_batch_prompts * n
+    rows, micro = config.mini_batch_rows, config.micro_batch_rows
     multiple = batch_size_multiple(mesh)
     if rows % multiple:
         raise ConfigError(f"train.mini_batch_prompts: {t.mini_batch_prompts} prompts x "
                           f"{n} samples = {rows} rows is not divisible by the mesh batch "
                           f"axes (data x fsdp = {multiple})")
-    micro = t.micro_batch_size or rows
     if rows % micro or micro % multiple:
         raise ConfigError(f"train.micro_batch_size: {micro} must divide the mini-batch of {rows} "
                           f"rows and be a multiple of data x fsdp = {multiple}")
@@ -125,20 +125,6 @@ def scoring_function(logprob_fn, micro_rows: int, mesh, compiler_options=None):
     return jax.jit(compiles.counted("score", score, shape), compiler_options=compiler_options)
 
 
-def _guarded_update(params, opt_state, batch, key, lr, **static):
-    """`update_policy`, keeping the old params and optimizer state when anything is non-finite."""
-    new_params, new_opt_state, metrics = update_policy(params, opt_state, batch, key, lr, **static)
-    finite = jnp.isfinite(metrics["actor/grad_norm"]) & jnp.isfinite(metrics["actor/loss"])
-    keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
-    params = jax.tree.map(keep, new_params, params)
-    opt_state = jax.tree.map(keep, new_opt_state, opt_state)
-    return params, opt_state, {**metrics, "actor/nonfinite": 1.0 - finite.astype(jnp.float32)}
-
-
-def _update_shape(params, opt_state, batch, *args) -> str:
-    return f"tokens {list(batch.tokens_bt.shape)}"
-
-
 def longest_training_sequence(s: SamplerConfig, prompt_width: Optional[int]) -> int:
     """Prompt plus response columns of the longest batch the run can score."""
     return (prompt_width or bucket(s.max_prompt_len, s.min_bucket, s.max_prompt_len)) + \
@@ -149,26 +135,25 @@ def build_context(config: ExperimentConfig) -> RunContext:
     mesh = make_mesh(config.mesh)
     check_batch_shapes(config, mesh)
     m = config.model
+    # What can be wrong with the tokenizer or the data is found before minutes of loading.
+    check_tokenizer_source(m.name, m.tokenizer, "training and eval")
+    check_dataset_sources(config.data)
     model = load_model(m.name, mesh=mesh, dtype=m.param_dtype, compute_dtype=m.compute_dtype,
                        remat=m.remat, tokenizer=m.tokenizer, seed=config.seed,
                        attention=m.attention, attention_block=m.attention_block)
-    train_set, eval_set = load_datasets(config.data, model.tokenizer)
+    train_set, eval_set = load_datasets(config.data, model.require_tokenizer("training and eval"))
     t = config.train
-    updates_per_step = t.ppo_epochs * (t.prompts_per_step // t.mini_batch_prompts)
-    optimizer, schedule = make_optimizer(config.optim, t.steps * updates_per_step)
+    optimizer, schedule = make_optimizer(config.optim, t.steps * t.updates_per_step)
     logprob_fn = logprob_function(model.config, mesh, m.logits_chunk)
-    micro = t.micro_batch_size or t.mini_batch_prompts * config.algo.group_size
-    update = functools.partial(_guarded_update, logprob_fn=logprob_fn,
-                               optimizer=optimizer, algo=config.algo, micro_batch_size=micro,
-                               mesh=mesh)
-    update = compiles.counted("update", update, _update_shape)
+    micro = config.micro_batch_rows
     prompt_width = dataset_prompt_width(config.sampler, train_set, eval_set)
     options = model_compile_options(model.config.compute_dtype,
                                     longest_training_sequence(config.sampler, prompt_width),
                                     model.config.attention_block)
     return RunContext(
         config=config, model=model, optimizer=optimizer, schedule=schedule,
-        update_fn=jax.jit(update, donate_argnums=(0, 1), compiler_options=options),
+        update_fn=make_update_fn(logprob_fn, optimizer, config.algo, micro, mesh,
+                                 compiler_options=options),
         score_fn=scoring_function(logprob_fn, micro, mesh, options),
         data=PromptIterator(train_set, t.prompts_per_step, config.data.seed, config.data.shuffle),
         eval_data=eval_set, base_key=jax.random.key(config.seed),
@@ -326,8 +311,7 @@ def run_updates(ctx: RunContext, state: dict, arrays: dict, key) -> tuple[dict, 
 
 
 def _mini_batch_plan(ctx: RunContext) -> range:
-    t = ctx.config.train
-    return range(t.ppo_epochs * (t.prompts_per_step // t.mini_batch_prompts))
+    return range(ctx.config.train.updates_per_step)
 
 
 # --------------------------------------------------------------------------------- one step
@@ -434,12 +418,10 @@ def _save(checkpointer: Checkpointer, ctx: RunContext, state: dict, meta: dict) 
 
 
 def restore_or_init(ctx: RunContext, checkpointer: Checkpointer) -> tuple[dict, dict]:
-    """The latest checkpoint of the run directory, or a fresh state."""
-    state = initial_state(ctx)
-    step = checkpointer.latest_step()
+    """The newest checkpoint of the run directory that restores, or a fresh state."""
+    step, state, meta = checkpointer.restore_newest(initial_state(ctx))
     if step is None:
         return state, {"bad_steps": 0}
-    state, meta = checkpointer.restore(step, state)
     ctx.data.load_state_dict(meta["data"])
     distributed.log(f"jaxcov: resumed from step {step} in {ctx.config.train.run_dir}")
     return state, meta
@@ -450,11 +432,23 @@ def maybe_evaluate(ctx: RunContext, state: dict, step: int, final: bool) -> dict
     due = t.eval_every and (step % t.eval_every == 0 or final)
     if ctx.eval_data is None or not due:
         return {}
+    when = "before training" if step == 0 else f"after step {step}"
+    greedy = "greedy and " if t.eval_greedy else ""
+    say(ctx.config, f"evaluating {_eval_size(ctx)} held-out prompts {when} ({greedy}"
+                    f"{t.eval_samples} samples each)")
     start = time.perf_counter()
     metrics = evaluate(ctx.model, state["params"], ctx.eval_data, ctx.config,
                        jax.random.fold_in(ctx.base_key, 10**6 + step), ctx.prompt_width)
     metrics["time/eval"] = time.perf_counter() - start
+    shown = ", ".join(f"{k[len('eval/'):]} {v:.3f}" for k, v in metrics.items()
+                      if k.startswith(("eval/greedy_acc", "eval/avg@")) and not k.endswith("_se"))
+    say(ctx.config, f"held-out {when}: {shown} ({metrics['time/eval']:.0f} s)")
     return metrics
+
+
+def _eval_size(ctx: RunContext) -> int:
+    n = len(ctx.eval_data.examples)
+    return min(n, ctx.config.train.eval_examples) if ctx.config.train.eval_examples else n
 
 
 def _progress(ctx: RunContext, start_step: int):
@@ -466,12 +460,29 @@ def _progress(ctx: RunContext, start_step: int):
                 file=sys.stderr)
 
 
-def _check_bad_steps(metrics: dict, meta: dict, limit: int, step: int) -> None:
-    meta["bad_steps"] = meta.get("bad_steps", 0) + 1 if metrics["actor/nonfinite"] else 0
-    if meta["bad_steps"] >= limit:
-        raise TrainingStopped(
-            f"{meta['bad_steps']} steps in a row had a non-finite loss or gradient (last: step "
-            f"{step}); stopped. The last checkpoint holds the last good parameters.")
+def _nonfinite_metrics(metrics: dict) -> list[str]:
+    """The logged numbers of a step that are NaN or infinite: parameters that are finite but
+    absurd (5e29) still give a NaN entropy after the update."""
+    return sorted(k for k, v in metrics.items()
+                  if isinstance(v, float) and not math.isfinite(v))
+
+
+def _judge_step(metrics: dict, meta: dict, limit: int, step: int, checkpointer) -> bool:
+    """Whether the step was good (its state may be checkpointed); counts bad steps in a row and
+    stops the run at `limit` of them, naming the checkpoint that holds the last good state."""
+    nonfinite = _nonfinite_metrics(metrics)
+    bad = bool(metrics["actor/nonfinite"] or nonfinite)
+    meta["bad_steps"] = meta.get("bad_steps", 0) + 1 if bad else 0
+    if meta["bad_steps"] < limit:
+        return not bad
+    what = (f"non-finite {', '.join(nonfinite[:3])}" if nonfinite else
+            "a non-finite loss, gradient or parameter update")
+    checkpointer.wait()  # a save still in flight may be the last good one
+    good = checkpointer.latest_good_step()
+    kept = (f"checkpoint {good} in {checkpointer.directory} holds the last good state"
+            if good is not None else "no good state was checkpointed before them")
+    raise TrainingStopped(f"{meta['bad_steps']} steps in a row were non-finite (last: step "
+                          f"{step}, {what}); stopped. {kept[0].upper()}{kept[1:]}.")
 
 
 def _sink(ctx: RunContext, step: int) -> MetricsSink:
@@ -509,31 +520,38 @@ def train_loop(ctx: RunContext, checkpointer: Checkpointer, stop: StopSignal) ->
     state, meta = restore_or_init(ctx, checkpointer)
     step = int(state["step"])
     sink = _sink(ctx, step)
-    bar = _progress(ctx, step)
+    bar = None
     try:
         start, evaluated = step, False
         if step == 0:
             metrics = maybe_evaluate(ctx, state, 0, final=False)
             sink.write(0, metrics)
             evaluated = bool(metrics)
+        if step < t.steps:
+            say(ctx.config, f"training steps {step + 1}-{t.steps}; the first compiles (or loads) "
+                            "the rollout, scoring and update programs")
+        bar = _progress(ctx, step)
         while step < t.steps and not _stop_requested(stop):
             state, metrics = _watched_step(ctx, state, step - start >= WARMUP_STEPS, evaluated)
             step = int(state["step"])
             evaluated = evaluated or "time/eval" in metrics
             sink.write(step, metrics)
-            _check_bad_steps(metrics, meta, t.max_bad_steps, step)
-            if not metrics["actor/nonfinite"] and (
-                    step == t.steps or (t.checkpoint_every and step % t.checkpoint_every == 0)):
+            good = _judge_step(metrics, meta, t.max_bad_steps, step, checkpointer)
+            if good and (step == t.steps or
+                         (t.checkpoint_every and step % t.checkpoint_every == 0)):
                 _save(checkpointer, ctx, state, meta)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}",
                                 entropy=f"{metrics['rollout/entropy']:.3f}")
         if step < t.steps:  # stopped by a signal
-            _save(checkpointer, ctx, state, meta)
             reason = (f"signal {stop.received}" if stop.received is not None
                       else "another process got a stop signal")
-            distributed.log(f"jaxcov: {reason}: saved step {step}, exiting")
+            if meta.get("bad_steps", 0):  # a bad state is never saved; resume from the last good
+                distributed.log(f"jaxcov: {reason}: step {step} was non-finite, not saved; exiting")
+            else:
+                _save(checkpointer, ctx, state, meta)
+                distributed.log(f"jaxcov: {reason}: saved step {step}, exiting")
     finally:
         if bar is not None:
             bar.close()
@@ -548,6 +566,9 @@ def finish_run(ctx: RunContext, state: dict) -> None:
     if main:
         records = read_metrics(os.path.join(ctx.config.train.run_dir, METRICS_FILE))
         print(summary_table([r for r in records if r["step"] > 0]))
+        held_out = eval_summary(records)
+        if held_out:
+            print(held_out)
         plots = write_plots(ctx.config.train.run_dir, records)
         if plots:
             print("plots: " + ", ".join(plots))
@@ -563,33 +584,80 @@ def finish_run(ctx: RunContext, state: dict) -> None:
             print(f"exported the policy to {out}")
 
 
+def say(config: ExperimentConfig, message: str) -> None:
+    """What the run is doing, on stderr, where a progress bar would sit still (train.progress)."""
+    if config.train.progress and distributed.is_main_process():
+        from tqdm import tqdm
+
+        tqdm.write(f"jaxcov: {message}", file=sys.stderr)  # clears and redraws a live bar
+
+
+def loaded_context(config: ExperimentConfig) -> RunContext:
+    """`build_context`, saying what it loads and what it got."""
+    say(config, f"loading the model {config.model.name} and the data {config.data.source}")
+    start = time.perf_counter()
+    ctx = build_context(config)
+    size = sum(x.size for x in jax.tree.leaves(ctx.model.params))
+    held_out = f", {len(ctx.eval_data.examples)} held out" if ctx.eval_data else ""
+    say(config, f"loaded in {time.perf_counter() - start:.0f} s: {size / 1e6:.1f}M parameters, "
+                f"{len(ctx.data.dataset.examples)} training prompts{held_out}")
+    return ctx
+
+
 def train(config: ExperimentConfig) -> int:
     """Runs (or resumes) the experiment; returns the process exit status."""
-    os.makedirs(config.train.run_dir, exist_ok=True)
-    if distributed.is_main_process():
-        with open(os.path.join(config.train.run_dir, "config.yaml"), "w") as f:
-            yaml.safe_dump(to_dict(config), f, sort_keys=False)
-    ctx = build_context(config)
-    checkpointer = Checkpointer(config.train.checkpoints, keep=config.train.keep_checkpoints)
-    try:
-        with StopSignal() as stop:
-            state = train_loop(ctx, checkpointer, stop)
-        if int(state["step"]) >= config.train.steps:
-            finish_run(ctx, state)
-        return 0
-    except TrainingStopped as e:
-        distributed.log(f"jaxcov: error: {e}")
-        return 1
-    finally:
-        checkpointer.close()
-        close_scorers()
+    rundir.check_run_directories(config)  # one error line before minutes of loading
+    with rundir.run_directory_lock(config.train.run_dir):
+        rundir.write_run_config(config)
+        ctx = loaded_context(config)
+        checkpointer = Checkpointer(config.train.checkpoints, keep=config.train.keep_checkpoints)
+        try:
+            with StopSignal() as stop:
+                state = train_loop(ctx, checkpointer, stop)
+            if int(state["step"]) >= config.train.steps:
+                finish_run(ctx, state)
+            return 0
+        except (TrainingStopped, CheckpointSaveError) as e:
+            distributed.log(f"jaxcov: error: {e}")
+            return 1
+        finally:
+            checkpointer.close()
+            close_scorers()
 
 
 def train_command(args) -> int:
     config = load_config(args.config, args.overrides)
     compiles.enable_persistent_cache()  # a resumed run loads its programs instead
     distributed.maybe_initialize()  # before anything touches a device
-    return train(config)
+    code = train(config)
+    exit_abandoning_failed_saves(code)  # a failed save's threads would block the exit forever
+    return code
+
+
+def eval_checkpoint(checkpoint_arg: str, config: ExperimentConfig
+                    ) -> tuple[Optional[Checkpointer], Optional[int]]:
+    """The checkpointer and step `jaxcov eval` restores: the latest of the run directory
+    `--checkpoint` names, which must hold one (evaluating the model instead would hide a typo),
+    else the latest of the config's own run, else (None, None): the model itself is evaluated."""
+    directory = (os.path.join(checkpoint_arg, "checkpoints") if checkpoint_arg
+                 else config.train.checkpoints)
+    if "://" not in directory and not os.path.isdir(directory):
+        if checkpoint_arg:
+            raise ConfigError(_no_checkpoint_in(checkpoint_arg))
+        return None, None
+    checkpointer = Checkpointer(directory, keep=config.train.keep_checkpoints)
+    step = checkpointer.latest_step()
+    if step is None and checkpoint_arg:
+        checkpointer.close()
+        raise ConfigError(_no_checkpoint_in(checkpoint_arg))
+    return checkpointer, step
+
+
+def _no_checkpoint_in(path: str) -> str:
+    if "://" not in path and not os.path.exists(path):
+        return f"--checkpoint {path}: no such directory"
+    return (f"--checkpoint {path}: no checkpoint there (expected a run directory holding "
+            "checkpoints/<step>)")
 
 
 def eval_command(args) -> int:
@@ -599,19 +667,19 @@ def eval_command(args) -> int:
         raise ConfigError("eval needs a held-out split: set data.eval_size or data.eval_source")
     compiles.enable_persistent_cache()
     distributed.maybe_initialize()  # before anything touches a device
-    ctx = build_context(config)
-    state = initial_state(ctx)
-    run_dir = args.checkpoint or config.train.run_dir
-    checkpoints = (os.path.join(args.checkpoint, "checkpoints") if args.checkpoint
-                   else config.train.checkpoints)
-    if checkpoints.startswith("gs://") or os.path.isdir(checkpoints):
-        checkpointer = Checkpointer(checkpoints, keep=config.train.keep_checkpoints)
-        step = checkpointer.latest_step()
+    checkpointer, step = eval_checkpoint(args.checkpoint, config)  # before the model loads
+    try:
+        ctx = build_context(config)
+        state = initial_state(ctx)
         if step is not None:
             state, _ = checkpointer.restore(step, state)
-            if distributed.is_main_process():
-                print(f"evaluating step {step} of {run_dir}")
-        checkpointer.close()
+    finally:
+        if checkpointer is not None:
+            checkpointer.close()
+    if distributed.is_main_process():
+        run_dir = args.checkpoint or config.train.run_dir
+        print(f"evaluating step {step} of {run_dir}" if step is not None else
+              f"evaluating the model {config.model.name} itself (no checkpoint in {run_dir})")
     metrics = evaluate(ctx.model, state["params"], ctx.eval_data, config,
                        jax.random.fold_in(ctx.base_key, 10**6), ctx.prompt_width)
     close_scorers()

@@ -38,6 +38,7 @@ import optax
 from flax import struct
 from jax.sharding import Mesh
 
+from jaxcov import compiles
 from jaxcov.config import AlgoConfig
 from jaxcov.losses import (TOKEN_SELECTORS, TokenSelection, loss_inputs, mini_batch_counts,
                            select_nothing, select_tokens, selection_metrics, total_loss)
@@ -194,16 +195,41 @@ def update_policy(params: Params, opt_state: optax.OptState, batch: MiniBatch, k
     return params, opt_state, {**metrics, "actor/grad_norm": optax.tree.norm(grads)}
 
 
+def guarded_update(params: Params, opt_state: optax.OptState, batch: MiniBatch, key: Array,
+                   learning_rate: Optional[Array | float] = None, **static):
+    """`update_policy`, keeping the old params and optimizer state when the loss, the gradient
+    norm or any updated parameter is non-finite (an absurd learning rate gives finite gradients
+    and infinite parameters); `actor/nonfinite` is 1 for an update so refused."""
+    new_params, new_opt_state, metrics = update_policy(params, opt_state, batch, key,
+                                                       learning_rate, **static)
+    finite = (jnp.isfinite(metrics["actor/grad_norm"]) & jnp.isfinite(metrics["actor/loss"])
+              & _all_finite(new_params))
+    keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+    params = jax.tree.map(keep, new_params, params)
+    opt_state = jax.tree.map(keep, new_opt_state, opt_state)
+    return params, opt_state, {**metrics, "actor/nonfinite": 1.0 - finite.astype(jnp.float32)}
+
+
+def _all_finite(tree) -> Array:
+    return jax.tree.reduce(jnp.logical_and, jax.tree.map(lambda x: jnp.isfinite(x).all(), tree))
+
+
+def _update_shape(params, opt_state, batch, *args) -> str:
+    return f"tokens {list(batch.tokens_bt.shape)}"
+
+
 def make_update_fn(logprob_fn: LogprobFn, optimizer: optax.GradientTransformation,
                    algo: AlgoConfig, micro_batch_size: int, mesh: Optional[Mesh] = None,
                    donate: bool = True, compiler_options: Optional[dict] = None):
-    """`update_policy` with its static arguments bound, jitted, params and opt_state donated.
+    """`guarded_update` with its static arguments bound, jitted (the trainer's update program,
+    counted by `jaxcov.compiles`), params and opt_state donated.
 
     Returns f(params, opt_state, batch, key, learning_rate=None) -> (params, opt_state, metrics).
     Shardings follow the inputs: pass params/opt_state in their shardings and the batch sharded
     over the batch axes.
     """
-    update = functools.partial(update_policy, logprob_fn=logprob_fn, optimizer=optimizer,
+    update = functools.partial(guarded_update, logprob_fn=logprob_fn, optimizer=optimizer,
                                algo=algo, micro_batch_size=micro_batch_size, mesh=mesh)
+    update = compiles.counted("update", update, _update_shape)
     return jax.jit(update, donate_argnums=(0, 1) if donate else (),
                    compiler_options=compiler_options)

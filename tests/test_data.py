@@ -148,6 +148,36 @@ def test_bad_rows_skipped_and_counted(tmp_path, tokenizer):
     assert train.stats == {"rows": 5, "bad_rows": 3, "too_long": 0}
 
 
+def _jsonl_with_a_latin1_line(tmp_path):
+    lines = [json.dumps(QA_ROWS[0]).encode(), b'{"question": "caf\xe9?", "answer": "1"}',
+             json.dumps(QA_ROWS[2]).encode()]
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return str(path)
+
+
+def test_non_utf8_jsonl_line_is_a_bad_row(tmp_path, tokenizer):
+    source = _jsonl_with_a_latin1_line(tmp_path)
+    with pytest.raises(DataError) as error:
+        read_examples(source, DataConfig(source=source))
+    assert str(error.value) == f"{source} row 2: not UTF-8 text (byte 0xe9 at offset 17)"
+    train, _ = load_datasets(DataConfig(source=source, on_bad_row="skip"), tokenizer)
+    assert [e["row"] for e in train.examples] == [1, 3]
+    assert train.stats == {"rows": 3, "bad_rows": 1, "too_long": 0}
+
+
+@pytest.mark.parametrize("damage", ["random_bytes", "truncated", "empty"])
+def test_unreadable_parquet_names_the_file(tmp_path, damage):
+    path = tmp_path / "damaged.parquet"
+    whole = open(write_parquet(path, VERL_ROWS), "rb").read()
+    path.write_bytes({"random_bytes": os.urandom(2000), "truncated": whole[:len(whole) // 2],
+                      "empty": b""}[damage])
+    with pytest.raises(DataError) as error:
+        read_examples(str(path), DataConfig(source=str(path)))
+    message = str(error.value)
+    assert message.startswith(f"{path}: cannot read it as parquet: ") and "\n" not in message
+
+
 def test_parquet_bad_row_names_column(tmp_path):
     rows = VERL_ROWS[:2] + [{"data_source": "x", "prompt": [{"role": "user", "content": "Q"}],
                              "reward_model": {"ground_truth": None, "style": "rule"}}]

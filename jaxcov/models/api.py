@@ -18,13 +18,14 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from jaxcov.config import ConfigError, MeshConfig
+from jaxcov.distributed import log
 from jaxcov.models import attention as attn_lib
 from jaxcov.models import llama
 from jaxcov.models.llama import LlamaConfig, Params, is_spec, param_specs
 from jaxcov.models.loading import load_checkpoint
 from jaxcov.models.logprobs import token_logprobs
 from jaxcov.models.presets import tiny_config
-from jaxcov.models.registry import load_tokenizer, resolve_model_source
+from jaxcov.models.registry import load_tokenizer, model_has_tokenizer, resolve_model_source
 from jaxcov.sharding import make_mesh, named_sharding
 from jaxcov.xla_cpu import model_compile_options
 
@@ -74,6 +75,13 @@ class Model:
     params: Params
     mesh: Mesh
     tokenizer: Any = None
+    source: str = ""  # what it was loaded from, for messages
+
+    def require_tokenizer(self, purpose: str):
+        """The tokenizer, or a ConfigError saying `purpose` needs one and how to give it."""
+        if self.tokenizer is None:
+            raise ConfigError(_no_tokenizer(self.source or "the model", purpose))
+        return self.tokenizer
 
     def logits(self, tokens_bt, attention_mask_bt) -> jax.Array:
         """fp32 logits [B, T, V]; positions count only unmasked tokens (left padding is fine)."""
@@ -114,8 +122,11 @@ def _model_file_errors(path: str):
     """Turns a damaged model file's exception into one ConfigError line naming the file."""
     try:
         yield
-    except ConfigError:
-        raise
+    except ConfigError as e:
+        if path in str(e):
+            raise
+        # The loader names the tensor or config value, not the file it read.
+        raise ConfigError(f"{path}: {e}") from None
     except MODEL_FILE_ERRORS + (_safetensor_error(),) as e:
         reason = (str(e).strip().splitlines() or [""])[0][:200]
         raise ConfigError(f"{path}: cannot load the model: {type(e).__name__}: {reason}") from None
@@ -143,7 +154,8 @@ def load_model(source: str = "smollm2-135m-instruct", mesh: Optional[Mesh] = Non
       mesh: device mesh; default all devices on the data axis.
       dtype: parameter dtype; compute_dtype: matmul/activation dtype (default: dtype).
       remat: rematerialisation policy of each layer (none | full | dots | dots_no_batch).
-      tokenizer: where the tokenizer comes from when not from `source` (required for random:).
+      tokenizer: a tokenizer directory, .gguf file or model name to use instead of `source`'s
+        own (required for random:; a directory without tokenizer files loads without one).
       seed: initialisation seed of a random model.
       attention: `jaxcov.models.attention` implementation, or auto (by platform);
         attention_block: chunked attention's block.
@@ -152,10 +164,9 @@ def load_model(source: str = "smollm2-135m-instruct", mesh: Optional[Mesh] = Non
     mesh = mesh if mesh is not None else make_mesh(MeshConfig())
     run_options = run_options_for(mesh, compute_dtype or dtype, remat, attention,
                                   attention_block, platform)
-    with _model_file_errors(tokenizer or source):
-        tok = load_tokenizer(tokenizer or source) if with_tokenizer or source.startswith(
-            RANDOM_PREFIX) else None
-    if source.startswith(RANDOM_PREFIX):
+    is_random = source.startswith(RANDOM_PREFIX)
+    tok = _tokenizer_of(source, tokenizer) if with_tokenizer or is_random else None
+    if is_random:
         cfg = tiny_config(source[len(RANDOM_PREFIX):], vocab_size=len(tok), **run_options)
         params = init_params(cfg, jax.random.key(seed), mesh, dtype=jnp.dtype(dtype))
     else:
@@ -163,4 +174,33 @@ def load_model(source: str = "smollm2-135m-instruct", mesh: Optional[Mesh] = Non
         with _model_file_errors(path):
             cfg, params = load_checkpoint(kind, path, mesh, dtype=jnp.dtype(dtype),
                                           **run_options)
-    return Model(config=cfg, params=params, mesh=mesh, tokenizer=tok if with_tokenizer else None)
+        if tok is not None and len(tok) > cfg.vocab_size:  # its ids would index past the table
+            raise ConfigError(f"{tokenizer or source}: the tokenizer has {len(tok)} tokens, more "
+                              f"than the vocab_size {cfg.vocab_size} of the model {source}")
+    return Model(config=cfg, params=params, mesh=mesh, tokenizer=tok if with_tokenizer else None,
+                 source=source)
+
+
+def _no_tokenizer(source: str, purpose: str) -> str:
+    return (f"{source} has no tokenizer, which {purpose} needs: set model.tokenizer (--tokenizer "
+            "on the command line) to a tokenizer directory, .gguf file or registered model name")
+
+
+def check_tokenizer_source(source: str, tokenizer: str, purpose: str) -> None:
+    """`Model.require_tokenizer`'s ConfigError, before the model loads (which takes minutes for
+    a large one): `purpose` needs a tokenizer and neither `tokenizer` nor `source` gives one."""
+    if not tokenizer and (source.startswith(RANDOM_PREFIX) or not model_has_tokenizer(source)):
+        raise ConfigError(_no_tokenizer(source, purpose))
+
+
+def _tokenizer_of(source: str, tokenizer: str = ""):
+    """The tokenizer `tokenizer` names, else the model's own; None (with a notice on stderr) for
+    a model directory without tokenizer files, so it still loads, scores and exports."""
+    if not tokenizer and source.startswith(RANDOM_PREFIX):
+        raise ConfigError(f"a random model ({source}) needs a tokenizer: set model.tokenizer")
+    if not tokenizer and not model_has_tokenizer(source):
+        log(f"jaxcov: {source} has no tokenizer files; loading it without a tokenizer "
+            "(model.tokenizer or --tokenizer gives one)")
+        return None
+    with _model_file_errors(tokenizer or source):
+        return load_tokenizer(tokenizer or source)

@@ -316,11 +316,27 @@ def _to_hf_tensor(path: str, leaf: np.ndarray, cfg: LlamaConfig) -> np.ndarray:
     return leaf
 
 
+def check_export_dir(directory: str) -> None:
+    """A ConfigError naming `directory` unless it is, or can be made, a writable directory; run
+    before loading the model, so a bad output path fails fast instead of after the load."""
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise ConfigError(f"{directory}: exists and is not a directory (export writes a directory)")
+    existing = os.path.abspath(directory)
+    while not os.path.exists(existing):  # the missing folders get made inside this one
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(f"{directory}: cannot make the directory: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "directory is" if existing == os.path.abspath(directory) else f"parent {existing} is"
+        raise ConfigError(f"{directory}: cannot export there: the {what} not writable")
+
+
 def export_hf(directory: str, params: Params, cfg: LlamaConfig, tokenizer=None,
               dtype: str = "float32") -> None:
     """Writes config.json + model.safetensors (+ tokenizer files) that transformers loads as is."""
     from safetensors.numpy import save_file
 
+    check_export_dir(directory)
     os.makedirs(directory, exist_ok=True)
     layout = hf_layout(cfg)
     tensors = {}

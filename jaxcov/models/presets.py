@@ -6,6 +6,7 @@ the memory planner), never downloaded.
 
 from __future__ import annotations
 
+from jaxcov.config import ConfigError
 from jaxcov.models.llama import LlamaConfig
 
 _TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
@@ -24,6 +25,9 @@ TINY_CONFIGS = {
 
 def tiny_config(name: str = "llama", **changes) -> LlamaConfig:
     """A 2-layer random-init config of one family (see TINY_CONFIGS), fast on CPU."""
+    if name not in TINY_CONFIGS:  # `jaxcov generate random:<name>` gets here unchecked
+        raise ConfigError(f"random:{name}: no such random model (the families: "
+                          f"{', '.join(TINY_CONFIGS)})")
     return TINY_CONFIGS[name].replace(**changes)
 
 

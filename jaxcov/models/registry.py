@@ -70,14 +70,44 @@ def _gguf_tokenizer_cache(path: str) -> str:
     return os.path.join(cache_dir(), "tokenizers", key.hexdigest()[:16])
 
 
+# The files that hold a tokenizer's vocabulary. A directory with none of them has no tokenizer,
+# whatever transformers builds from it: for Llama/Mistral it fails, for Qwen2/3 it makes a
+# one-token tokenizer that encodes any text to [].
+TOKENIZER_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                         "spiece.model", "tekken.json")
+
+
+def has_tokenizer_files(directory: str) -> bool:
+    return any(os.path.isfile(os.path.join(directory, f)) for f in TOKENIZER_VOCAB_FILES)
+
+
+def model_has_tokenizer(source: str) -> bool:
+    """Whether a model name, HF directory or GGUF file comes with a tokenizer of its own (a GGUF
+    file embeds one; an HF directory needs tokenizer files)."""
+    kind, path = resolve_model_source(source)
+    return kind == "gguf" or has_tokenizer_files(path)
+
+
+def resolve_tokenizer_source(source: str) -> tuple[str, str]:
+    """(kind, path) of a tokenizer: a directory with tokenizer files (config.json not needed),
+    or a model name / GGUF file / HF directory as in `resolve_model_source`."""
+    if not os.path.isdir(source):
+        return resolve_model_source(source)
+    if not has_tokenizer_files(source):
+        raise ConfigError(f"{source}: no tokenizer files in the directory (none of "
+                          f"{', '.join(TOKENIZER_VOCAB_FILES)})")
+    return "hf", source
+
+
 def load_tokenizer(source: str):
-    """The transformers tokenizer (with chat template) of a model name, HF directory or GGUF file.
+    """The transformers tokenizer (with chat template) of a model name, GGUF file, or directory
+    with tokenizer files (an HF model or `save_pretrained` tokenizer directory).
 
     A GGUF tokenizer takes seconds to convert, so the converted tokenizer is cached on disk.
     """
     from transformers import AutoTokenizer
 
-    kind, path = resolve_model_source(source)
+    kind, path = resolve_tokenizer_source(source)
     if kind == "hf":
         return AutoTokenizer.from_pretrained(path)
     cached = _gguf_tokenizer_cache(path)
