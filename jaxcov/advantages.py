@@ -124,14 +124,3 @@ def compute_advantages(rewards_b: Array, response_mask_bt: Array, algo: AlgoConf
     """Advantages [B, T] from the estimator named by `algo.advantage`."""
     return ADVANTAGE_ESTIMATORS[algo.advantage](rewards_b, response_mask_bt, algo)
 
-
-def groups_with_varied_rewards(rewards_b: Array, group_size: int) -> Array:
-    """DAPO dynamic sampling: bool [B], False for every row of a group whose rewards are all
-    equal (it has zero advantage under every group baseline and only dilutes the batch).
-
-    Works on NumPy or JAX arrays; the trainer drops those rows on the host, or zeroes their
-    response mask where shapes must stay fixed.
-    """
-    rewards_gn = _grouped(rewards_b, group_size)
-    varied_g = jnp.max(rewards_gn, axis=1) > jnp.min(rewards_gn, axis=1)
-    return jnp.repeat(varied_g, group_size)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jaxcov.config import AlgoConfig
-from jaxcov.entropy import (covariance_metrics, fraction_count, largest_k_mask, masked_mean,
+from jaxcov.entropy import (covariance_metrics, fraction_count, largest_k_mask,
                             radix_select_mask, token_covariance, token_entropy)
 from jaxcov.losses import (POLICY_LOSSES, batch_loss, clip_cov_candidates, loss_inputs,
                            reference_kl, select_tokens, total_loss)
@@ -49,9 +49,20 @@ def np_agg(loss, mask, mode, norm_length=None):
     return ((loss * mask).sum(1) / lengths).sum() / seqs
 
 
+def np_dual_capped(logp, old, adv, algo):
+    """Where the dual clip caps a negative-advantage token's loss at -A c."""
+    if algo.dual_clip_c is None:
+        return np.zeros(logp.shape, bool)
+    ratio = np.exp(logp - old)
+    loss = np.maximum(-adv * ratio, -adv * np.clip(ratio, 1 - algo.eps_low, 1 + algo.eps_high))
+    return (adv < 0) & (loss > -adv * algo.dual_clip_c)
+
+
 def np_clip_cov_candidates(logp, old, adv, mask, algo):
+    """Valid tokens with lb < cov < ub that neither PPO's clip nor the dual clip has clipped."""
     cov = np_cov(logp, adv, mask)
     _, clipped = np_ppo(logp, old, adv, algo)
+    clipped |= np_dual_capped(logp, old, adv, algo)
     cov = np.where((mask == 0) | clipped, -np.inf, cov)
     return (cov < algo.clip_cov_ub) & (cov > algo.clip_cov_lb) & (mask > 0)
 
@@ -87,7 +98,8 @@ def random_tokens(seed, rows=6, steps=50, spread=0.3):
 
 
 # Most tests run eagerly: op-by-op kernels are cached across tests, while each jit of a new
-# config would compile again. test_losses_are_jittable checks the jitted path.
+# config would compile again. test_jitted_loss_and_every_metric_match_numpy checks the
+# jitted path.
 
 
 def selection_of(logp, old, adv, mask, algo, key=jax.random.key(0)):
@@ -311,28 +323,66 @@ def test_micro_batch_shares_sum_to_the_mini_batch_loss(name):
                                    atol=1e-7, err_msg=metric)
 
 
+def np_metrics(name, logp, old, adv, mask, picked, algo):
+    """(loss, every metric of `batch_loss`) from NumPy, given Clip-Cov's random pick."""
+    valid = mask > 0
+    n_tokens = mask.sum()
+    token_mean = lambda x: (x * mask).sum() / n_tokens  # noqa: E731
+    cov = np_cov(logp, adv, mask)
+    ratio, dlogp = np.exp(logp - old), logp - old
+    metrics = {
+        "actor/abs_dlogp": token_mean(np.abs(dlogp)),
+        "actor/k3_old": token_mean(np.exp(-dlogp) + dlogp - 1),
+        "adv/mean": adv[valid].mean(), "adv/std": adv[valid].std(),
+        "cov/mean": cov[valid].mean(), "cov/std": cov[valid].std(), "cov/max": cov[valid].max(),
+        "cov/min": cov[valid].min(), "cov/top0.02pct_mean": cov[valid].max(),  # N < 5000: k = 1
+        "batch/valid_tokens": n_tokens, "batch/valid_seqs": np.sum(valid.any(axis=1)),
+    }
+    if name == "kl_cov":
+        loss, penalised = np_kl_cov(logp, old, adv, mask, algo)
+        metrics.update({"kl_cov/penalized_frac": (penalised & valid).sum() / n_tokens,
+                        "kl_cov/penalty": token_mean(penalised * algo.kl_cov_coef
+                                                     * np.abs(dlogp))})
+    else:
+        token_loss, _ = np_ppo(logp, old, adv, algo)
+        capped = np_dual_capped(logp, old, adv, algo)
+        metrics.update({"ppo/clipfrac_high": token_mean((adv > 0) & (ratio > 1 + algo.eps_high)),
+                        "ppo/clipfrac_low": token_mean((adv < 0) & (ratio < 1 - algo.eps_low)),
+                        "ppo/dual_clipfrac": token_mean(capped)})
+        loss = np_agg(token_loss * (1 - picked), mask, algo.loss_agg_mode)
+        if name == "clip_cov":
+            candidates = np_clip_cov_candidates(logp, old, adv, mask, algo)
+            metrics.update({"clip_cov/clipped_frac": (picked & valid).sum() / n_tokens,
+                            "clip_cov/candidate_frac": candidates.sum() / n_tokens})
+    return loss, {**metrics, "actor/loss": loss, "actor/pg_loss": loss}
+
+
+JIT_ALGOS = {  # one aggregation each, the dual clip on where the loss has one
+    "ppo_clip": dataclasses.replace(CLIP_COV, policy_loss="ppo_clip", dual_clip_c=2.0,
+                                    loss_agg_mode="seq-mean-token-sum"),
+    "clip_cov": dataclasses.replace(CLIP_COV, dual_clip_c=2.0),
+    "kl_cov": dataclasses.replace(KL_COV, loss_agg_mode="seq-mean-token-mean"),
+}
+
+
 @pytest.mark.parametrize("name", sorted(POLICY_LOSSES))
-def test_losses_are_jittable(name):
+def test_jitted_loss_and_every_metric_match_numpy(name):
+    """Under jit (as the update runs it): the loss and each metric, no more and no fewer, equal
+    their NumPy values; a row without tokens counts in no normaliser."""
     logp, old, adv, mask = random_tokens(14)
-    algo = dataclasses.replace(CLIP_COV, policy_loss=name)
-    key = jax.random.key(3)
-    eager = batch_loss(logp, old, adv, mask, key, algo)
-    jitted = jax.jit(batch_loss, static_argnums=5)(logp, old, adv, mask, key, algo)
-    for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
-
-
-def test_metric_names_are_stable():
-    logp, old, adv, mask = random_tokens(11)
-    common = {"actor/loss", "actor/pg_loss", "actor/abs_dlogp", "actor/k3_old", "adv/mean",
-              "adv/std", "cov/mean", "cov/std", "cov/max", "cov/min", "cov/top0.02pct_mean",
-              "batch/valid_tokens", "batch/valid_seqs"}
-    ppo = {"ppo/clipfrac_low", "ppo/clipfrac_high", "ppo/dual_clipfrac"}
-    expected = {"ppo_clip": common | ppo,
-                "clip_cov": common | ppo | {"clip_cov/clipped_frac", "clip_cov/candidate_frac"},
-                "kl_cov": common | {"kl_cov/penalized_frac", "kl_cov/penalty"}}
-    for name, names in expected.items():
-        assert set(loss_of(name, logp, old, adv, mask, CLIP_COV)[1]) == names
+    mask[4] = 0.0
+    algo, key = JIT_ALGOS[name], jax.random.key(3)
+    loss, metrics = jax.jit(batch_loss, static_argnums=5)(logp, old, adv, mask, key, algo)
+    picked = np.asarray(selection_of(logp, old, adv, mask, algo, key).selected_bt)
+    expected_loss, expected = np_metrics(name, logp, old, adv, mask, picked, algo)
+    assert set(metrics) == set(expected)
+    np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
+    for metric, value in expected.items():
+        np.testing.assert_allclose(metrics[metric], value, rtol=1e-5, atol=1e-7, err_msg=metric)
+    assert expected["batch/valid_seqs"] == 5
+    for metric in ("ppo/clipfrac_high", "ppo/clipfrac_low", "ppo/dual_clipfrac",
+                   "clip_cov/clipped_frac", "kl_cov/penalized_frac"):
+        assert expected.get(metric, 1) > 0, metric  # every counted case occurs
 
 
 def test_no_valid_tokens_gives_finite_zero_loss():
@@ -367,15 +417,40 @@ def test_covariance_metrics_match_numpy():
     assert len(top) == 1 + (valid.size >= 10000)
 
 
-def test_predicted_entropy_change_is_minus_lr_times_cov():
-    logp, old, adv, mask = random_tokens(13)
-    selection = select_tokens(logp, old, adv, mask, jax.random.key(0), AlgoConfig(), None, 1e-3)
-    cov_mean = masked_mean(np_cov(logp, adv, mask), mask)
-    np.testing.assert_allclose(selection.metrics["cov/pred_dH"], -1e-3 * cov_mean, rtol=1e-4)
+def test_predicted_entropy_change_is_that_of_a_natural_gradient_step():
+    """cov/pred_dH is the paper's first-order entropy change of a softmax policy under natural
+    PG, dz = lr A. Eight tokens drawn in exact proportion to pi = (1/2, 1/4, 1/8, 1/8) make the
+    token covariance the exact Cov_{a~pi}(log pi(a), A(a)), so the prediction must match the
+    entropy change of softmax(z + lr A) up to O(lr^2) (here Cov = 0.2274, dH = -2.27e-4)."""
+    pi, adv_a, lr = np.array([0.5, 0.25, 0.125, 0.125]), np.array([1.0, -0.5, 2.0, -1.5]), 1e-3
+    actions = np.array([0, 0, 0, 0, 1, 1, 2, 3])
+    logp = np.log(pi)[actions][None].astype(np.float32)
+    adv = adv_a[actions][None].astype(np.float32)
+    selection = select_tokens(logp, logp, adv, np.ones_like(logp), jax.random.key(0),
+                              AlgoConfig(), None, lr)
+
+    def entropy(z):
+        p = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+        return -(p * np.log(p)).sum()
+
+    measured = entropy(np.log(pi) + lr * adv_a) - entropy(np.log(pi))
+    np.testing.assert_allclose(selection.metrics["cov/pred_dH"], measured, rtol=1e-2)
+    assert measured == pytest.approx(-2.274e-4, rel=1e-2)
 
 
-def test_radix_select_gives_the_top_k_mask():
-    """The gather-free alternative selects exactly what lax.top_k selects, ties included."""
+def np_largest_k(scores, eligible, k):
+    """The k largest eligible scores, equal values (-0.0 == 0.0) taken in flat-index order."""
+    flat, index = scores.reshape(-1), np.flatnonzero(eligible.reshape(-1))
+    order = index[np.lexsort((index, -flat[index]))]
+    mask = np.zeros(flat.size, bool)
+    mask[order[:k]] = True
+    return mask.reshape(scores.shape)
+
+
+def test_top_k_selection_matches_numpy_on_ties():
+    """`largest_k_mask`, which picks the Clip-Cov / KL-Cov tokens and the top-cov metric, against
+    a stable NumPy sort on scores full of ties, -0.0 among them, with k beyond the eligible
+    count too; `radix_select_mask` (the gather-free peer bench/bench_losses.py times) as well."""
     rng = np.random.default_rng(15)
     radix = jax.jit(radix_select_mask)
     top_k = jax.jit(largest_k_mask, static_argnums=3)
@@ -383,5 +458,12 @@ def test_radix_select_gives_the_top_k_mask():
         scores = np.round(rng.normal(size=(3, 17)), trial % 3).astype(np.float32)
         scores[0, trial % 17] = -0.0
         eligible = rng.uniform(size=scores.shape) < 0.8
-        k = jnp.int32(rng.integers(1, 60))
-        np.testing.assert_array_equal(radix(scores, eligible, k), top_k(scores, eligible, k, 51))
+        k = int(rng.integers(1, 60))
+        expected = np_largest_k(scores, eligible, k)
+        assert expected.sum() == min(k, eligible.sum())
+        np.testing.assert_array_equal(top_k(scores, eligible, jnp.int32(k), 51), expected)
+        np.testing.assert_array_equal(radix(scores, eligible, jnp.int32(k)), expected)
+        k_max = 20  # the static bound of the top-k buffers, below the eligible count
+        np.testing.assert_array_equal(
+            top_k(scores, eligible, jnp.int32(min(k, k_max)), k_max),
+            np_largest_k(scores, eligible, min(k, k_max)))
