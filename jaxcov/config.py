@@ -429,7 +429,12 @@ class TrainConfig:
       mini_batch_prompts: prompts per optimizer mini-batch (paper: 256 per step, 32 per mini-batch).
       micro_batch_size: sequences per gradient-accumulation micro-batch; 0: the whole mini-batch.
       ppo_epochs: passes over the rollout batch per step.
-      old_logprobs: sampler (reuse the sampler's T=1 log-probs) | recompute (a fresh forward).
+      old_logprobs: where the rollout policy's log-probs come from: auto (the step's first
+        update takes its rows' old log-probs and entropy from its own gradient pass, exactly;
+        a scoring forward runs on the other rows only, or on all with ppo_epochs > 1)
+        | recompute (a scoring forward over the whole batch before the updates)
+        | sampler (the sampler's T=1 log-probs; off by the sampler's rounding, ~1e-5 in fp32
+        and ~3e-2 in bf16, whose sign then gives KL-Cov's |logp - old| a gradient).
       max_resample_rounds: with algo.filter_groups, extra prompt draws allowed to refill a batch.
       run_dir: where checkpoints, metrics, plots and exports go; a rerun resumes from it.
       checkpoint_dir: where checkpoints go instead of run_dir/checkpoints, e.g. a gs:// bucket
@@ -459,7 +464,7 @@ class TrainConfig:
     mini_batch_prompts: int = 8
     micro_batch_size: int = 0
     ppo_epochs: int = 1
-    old_logprobs: Literal["sampler", "recompute"] = "recompute"
+    old_logprobs: Literal["auto", "sampler", "recompute"] = "auto"
     max_resample_rounds: int = 2
     run_dir: str = "runs/default"
     checkpoint_dir: str = ""

@@ -248,39 +248,98 @@ def _on_mesh(ctx: RunContext, x: np.ndarray) -> jax.Array:
     return distributed.to_global(x, named_sharding(ctx.mesh, axes, x.shape))
 
 
-def prepare_batch(ctx: RunContext, params, rollout: batch_lib.RolloutBatch) -> tuple[dict, dict]:
-    """Device arrays of the whole step batch: advantages, old log-probs, entropy before."""
+def prepare_batch(ctx: RunContext, params, rollout: batch_lib.RolloutBatch,
+                  plan: list[np.ndarray]) -> tuple[dict, dict]:
+    """Device arrays of the whole step batch: advantages, old log-probs, reference log-probs
+    for a KL term; and what the scoring forward measured of the entropy before the updates.
+
+    The first update of `plan` (`mini_batch_rows`) runs the rollout policy itself, so with
+    old_logprobs auto its rows need no scoring forward: their old log-probs and entropy come
+    from its gradient pass (`MiniBatch.old_logp_bt` None, `combined_entropy_before`).
+    """
+    t = ctx.config.train
     tokens = _on_mesh(ctx, rollout.tokens)
     attention = _on_mesh(ctx, rollout.attention_mask.astype(np.int32))
     response = _on_mesh(ctx, rollout.response_mask.astype(np.float32))
     rewards = jnp.asarray(rollout.rewards)
     adv = advantages_lib.compute_advantages(rewards, response, ctx.config.algo)
-    logp, entropy = ctx.score_fn(params, tokens, attention)
-    old_logp = logp if ctx.config.train.old_logprobs == "recompute" else _on_mesh(
-        ctx, rollout.sampler_logp)
     arrays = {"tokens_bt": tokens, "attention_mask_bt": attention, "response_mask_bt": response,
-              "old_logp_bt": old_logp, "advantages_bt": adv}
+              "advantages_bt": adv}
+    metrics = {"adv/abs_mean": masked_mean(jnp.abs(adv), response)}
+    if t.old_logprobs == "sampler":
+        arrays["old_logp_bt"] = _on_mesh(ctx, rollout.sampler_logp)
+    rows = scored_rows(ctx.config, len(rollout.rewards), plan)
+    if rows.size:
+        whole = rows.size == len(rollout.rewards)
+        sub = {"tokens_bt": tokens, "attention_mask_bt": attention, "response_mask_bt": response,
+               "sampler_logp_bt": _on_mesh(ctx, rollout.sampler_logp)}
+        sub = sub if whole else _take_rows(sub, rows, ctx.mesh)
+        logp, entropy = ctx.score_fn(params, sub["tokens_bt"], sub["attention_mask_bt"])
+        if "old_logp_bt" not in arrays:  # the first update's rows stay 0: it ignores them
+            arrays["old_logp_bt"] = logp if whole else _put_rows(jnp.zeros_like(adv), rows,
+                                                                 logp, ctx.mesh)
+        mask = sub["response_mask_bt"]
+        metrics["rollout/sampler_logp_gap"] = masked_mean(
+            jnp.abs(sub["sampler_logp_bt"] - logp), mask)
+        metrics.update({"rollout/entropy": masked_mean(entropy, mask)} if whole else
+                       {"scored/entropy_sum": jnp.sum(entropy * mask),
+                        "scored/tokens": jnp.sum(mask)})
     if ctx.ref_params is not None:
         arrays["ref_logp_bt"] = ctx.score_fn(ctx.ref_params, tokens, attention)[0]
-    metrics = {"rollout/entropy": masked_mean(entropy, response),
-               "adv/abs_mean": masked_mean(jnp.abs(adv), response),
-               "rollout/sampler_logp_gap": masked_mean(
-                   jnp.abs(_on_mesh(ctx, rollout.sampler_logp) - logp), response)}
     return arrays, metrics
 
 
-def _mini_batches(ctx: RunContext, arrays: dict, key) -> list[MiniBatch]:
-    """The step batch split into mini-batches of whole groups, in a seeded order per epoch."""
+def first_update_takes_old_logprobs(config: ExperimentConfig) -> bool:
+    """Whether the step's first update takes its old log-probs from its gradient pass (with
+    several epochs its rows come back later, and need them scored)."""
+    return config.train.old_logprobs == "auto" and config.train.ppo_epochs == 1
+
+
+def scored_rows(config: ExperimentConfig, rows: int, plan: list[np.ndarray]) -> np.ndarray:
+    """Rows the scoring forward runs on: all of them for recomputed old log-probs, else those
+    outside the first update (whose gradient pass measures its own)."""
+    t = config.train
+    if t.old_logprobs == "recompute" or (t.old_logprobs == "auto" and t.ppo_epochs > 1):
+        return np.arange(rows)
+    return np.setdiff1d(np.arange(rows), plan[0])
+
+
+def combined_entropy_before(prep_metrics: dict, first_update: dict) -> float:
+    """The step batch's mean response-token entropy before the updates: the scored rows' and
+    the first update's (its gradient pass sees the same policy), weighted by their tokens."""
+    scored_sum = float(prep_metrics.pop("scored/entropy_sum", 0.0))
+    scored_tokens = float(prep_metrics.pop("scored/tokens", 0.0))
+    first_tokens = float(first_update["batch/valid_tokens"])
+    total = float(first_update["actor/entropy"]) * first_tokens + scored_sum
+    return total / max(first_tokens + scored_tokens, 1.0)
+
+
+def mini_batch_rows(ctx: RunContext, key) -> list[np.ndarray]:
+    """Rows of each update of the step: whole groups, in a seeded order per epoch."""
     t, n = ctx.config.train, ctx.config.algo.group_size
-    groups = t.prompts_per_step
-    per_mini = t.mini_batch_prompts
-    batches = []
+    plan = []
     for epoch in range(t.ppo_epochs):
-        order = np.asarray(jax.random.permutation(jax.random.fold_in(key, epoch), groups))
-        for start in range(0, groups, per_mini):
-            rows = np.concatenate([np.arange(g * n, (g + 1) * n) for g in order[start:start + per_mini]])
-            batches.append(MiniBatch(**_take_rows(arrays, rows, ctx.mesh)))
+        order = np.asarray(jax.random.permutation(jax.random.fold_in(key, epoch),
+                                                  t.prompts_per_step))
+        for start in range(0, t.prompts_per_step, t.mini_batch_prompts):
+            plan.append(np.concatenate([np.arange(g * n, (g + 1) * n)
+                                        for g in order[start:start + t.mini_batch_prompts]]))
+    return plan
+
+
+def _mini_batches(ctx: RunContext, arrays: dict, plan: list[np.ndarray]) -> list[MiniBatch]:
+    on_policy_first = first_update_takes_old_logprobs(ctx.config)
+    batches = []
+    for i, rows in enumerate(plan):
+        mini = MiniBatch(**{"old_logp_bt": None, **_take_rows(arrays, rows, ctx.mesh)})
+        batches.append(mini.replace(old_logp_bt=None) if i == 0 and on_policy_first else mini)
     return batches
+
+
+@functools.partial(jax.jit, static_argnames=("mesh",))
+def _put_rows(full, rows, values, mesh):
+    """`full` with `values` written at `rows` (the inverse of `_take_rows`)."""
+    return constrain(full.at[rows].set(values), mesh, ("batch", None))
 
 
 @functools.partial(jax.jit, static_argnames=("mesh",))
@@ -291,12 +350,14 @@ def _take_rows(arrays: dict, rows, mesh) -> dict:
             for k, x in arrays.items()}
 
 
-def run_updates(ctx: RunContext, state: dict, arrays: dict, key) -> tuple[dict, dict]:
-    """All mini-batch updates of one step; metrics averaged, predicted dH summed."""
+def run_updates(ctx: RunContext, state: dict, arrays: dict, plan: list[np.ndarray],
+                key) -> tuple[dict, dict, dict]:
+    """All mini-batch updates of one step: the new state, the metrics (averaged; predicted dH
+    summed) and the first update's own metrics."""
     params, opt_state = state["params"], state["opt_state"]
-    update_count = int(state["step"]) * len(_mini_batch_plan(ctx))
+    update_count = int(state["step"]) * ctx.config.train.updates_per_step
     per_update = []
-    for i, mini in enumerate(_mini_batches(ctx, arrays, jax.random.fold_in(key, 1))):
+    for i, mini in enumerate(_mini_batches(ctx, arrays, plan)):
         lr = jnp.float32(ctx.schedule(update_count + i))
         params, opt_state, metrics = ctx.update_fn(params, opt_state, mini,
                                                    jax.random.fold_in(key, 100 + i), lr)
@@ -307,11 +368,7 @@ def run_updates(ctx: RunContext, state: dict, arrays: dict, key) -> tuple[dict, 
                                         for i in range(len(per_update))))
     metrics["actor/nonfinite"] = float(sum(m["actor/nonfinite"] for m in per_update))
     metrics["optim/lr"] = float(ctx.schedule(update_count))
-    return {**state, "params": params, "opt_state": opt_state}, metrics
-
-
-def _mini_batch_plan(ctx: RunContext) -> range:
-    return range(ctx.config.train.updates_per_step)
+    return {**state, "params": params, "opt_state": opt_state}, metrics, per_update[0]
 
 
 # --------------------------------------------------------------------------------- one step
@@ -332,14 +389,18 @@ def rl_step(ctx: RunContext, state: dict) -> tuple[dict, dict]:
     rollout, metrics = collect_rollouts(ctx, state["params"], jax.random.fold_in(key, 0))
     times["time/rollout"] = time.perf_counter() - t0
     t1 = time.perf_counter()
-    arrays, prep_metrics = prepare_batch(ctx, state["params"], rollout)
+    plan = mini_batch_rows(ctx, jax.random.fold_in(key, 1))
+    arrays, prep_metrics = prepare_batch(ctx, state["params"], rollout, plan)
     jax.block_until_ready(arrays)
     times["time/logprobs"] = time.perf_counter() - t1
     t2 = time.perf_counter()
     # The updates donate the params; the instrument compares the logits before and after.
     params_before = _copy_tree(state["params"]) if ctx.entropy_fn else None
-    new_state, update_metrics = run_updates(ctx, state, arrays, key)
+    new_state, update_metrics, first_update = run_updates(ctx, state, arrays, plan, key)
     times["time/update"] = time.perf_counter() - t2
+    prep_metrics = jax.device_get(prep_metrics)
+    if "rollout/entropy" not in prep_metrics:  # not every row was scored
+        prep_metrics["rollout/entropy"] = combined_entropy_before(prep_metrics, first_update)
     t3 = time.perf_counter()
     metrics.update(entropy_metrics(ctx, step + 1, params_before, new_state["params"], arrays,
                                    float(prep_metrics["rollout/entropy"]),
@@ -370,8 +431,11 @@ def entropy_metrics(ctx: RunContext, step: int, params_before, params_after, arr
                                       ctx.config.train.entropy_rows, jax.random.fold_in(key, 0))
     names = ("tokens_bt", "attention_mask_bt", "response_mask_bt", "old_logp_bt",
              "advantages_bt")
-    sub = {k: arrays[k] for k in names}
+    sub = {k: arrays[k] for k in names if k in arrays}
     sub = sub if rows is None else _take_rows(sub, rows, ctx.mesh)
+    if first_update_takes_old_logprobs(ctx.config):  # not all scored: score the instrument's rows
+        sub["old_logp_bt"] = ctx.score_fn(params_before, sub["tokens_bt"],
+                                          sub["attention_mask_bt"])[0]
     change = ctx.entropy_fn(params_before, params_after, sub["tokens_bt"],
                             sub["attention_mask_bt"])
     metrics, sample = jax.device_get(instrument.entropy_change_metrics(

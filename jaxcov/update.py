@@ -56,7 +56,9 @@ class MiniBatch:
     tokens_bt: Array            # int32 prompt + response ids
     attention_mask_bt: Array    # 1 on real tokens (prompt and response), 0 on padding
     response_mask_bt: Array     # 1 on response tokens that get a loss
-    old_logp_bt: Array          # log-probs of the policy that produced the rollout
+    # Log-probs of the policy that produced the rollout; None when that is the policy being
+    # updated (one update per step): the gradient pass's own log-probs are then the old ones.
+    old_logp_bt: Optional[Array]
     advantages_bt: Array
     ref_logp_bt: Optional[Array] = None  # reference-policy log-probs (ref KL term / metric)
 
@@ -95,9 +97,16 @@ def _current_logprobs(logprob_fn: LogprobFn, params: Params, micro: MiniBatch):
     return merge_micro_batches(jax.lax.map(forward, micro))
 
 
+def _old_logprobs(batch: MiniBatch, logp_bt) -> Array:
+    """The rollout policy's log-probs: given, or (on-policy) the current ones without gradient,
+    so the ratio is exactly 1 and KL-Cov's |logp - old| exactly 0."""
+    return jax.lax.stop_gradient(logp_bt) if batch.old_logp_bt is None else batch.old_logp_bt
+
+
 def _loss_of(batch: MiniBatch, logp_bt, entropy_bt, selected_bt, counts: dict, algo: AlgoConfig):
     selection = TokenSelection(selected_bt=selected_bt, **counts, metrics={})
-    x = loss_inputs(logp_bt, batch.old_logp_bt, batch.advantages_bt, batch.response_mask_bt,
+    x = loss_inputs(logp_bt, _old_logprobs(batch, logp_bt), batch.advantages_bt,
+                    batch.response_mask_bt,
                     selection, entropy_bt if algo.entropy_coef > 0 else None, batch.ref_logp_bt)
     return total_loss(x, algo)
 
@@ -115,9 +124,9 @@ def _self_selecting_micro_loss(params, batch, counts, key, logprob_fn, algo):
     mini-batch, or when the loss selects nothing); also returns its log-probs and entropies."""
     logp_bt, entropy_bt = logprob_fn(params, batch.tokens_bt, batch.attention_mask_bt)
     selector = TOKEN_SELECTORS[algo.policy_loss]
-    selected_bt, selector_metrics = selector(jax.lax.stop_gradient(logp_bt), batch.old_logp_bt,
-                                             batch.advantages_bt, batch.response_mask_bt, key,
-                                             algo)
+    selected_bt, selector_metrics = selector(jax.lax.stop_gradient(logp_bt),
+                                             _old_logprobs(batch, logp_bt), batch.advantages_bt,
+                                             batch.response_mask_bt, key, algo)
     loss, metrics = _loss_of(batch, logp_bt, entropy_bt, selected_bt, counts, algo)
     return loss, ({**metrics, **selector_metrics}, jax.lax.stop_gradient((logp_bt, entropy_bt)))
 
@@ -141,7 +150,7 @@ def _two_pass_gradients(params, batch, micro, key, learning_rate, counts, logpro
                         mesh):
     """Selection pass over the whole mini-batch, then micro-batch gradients that reuse it."""
     logp_bt, entropy_bt = _current_logprobs(logprob_fn, params, micro)
-    selection = select_tokens(logp_bt, batch.old_logp_bt, batch.advantages_bt,
+    selection = select_tokens(logp_bt, _old_logprobs(batch, logp_bt), batch.advantages_bt,
                               batch.response_mask_bt, key, algo, entropy_bt, learning_rate)
     num_micro = micro.tokens_bt.shape[0]
     micro_selected = split_micro_batches(selection.selected_bt, num_micro, mesh)

@@ -499,8 +499,7 @@ def test_greedy_matches_transformers_generate(smollm2):
 def test_generate_cli_prints_each_completion(capsys, monkeypatch):
     """`jaxcov generate` end to end: a tiny random model with SmolLM2's tokenizer stands in for
     the loaded model."""
-    import argparse
-
+    from jaxcov.cli import parse_args
     from jaxcov.models import api
     from jaxcov.models.registry import load_tokenizer
 
@@ -508,9 +507,9 @@ def test_generate_cli_prints_each_completion(capsys, monkeypatch):
     cfg = tiny_config("llama", vocab_size=len(tokenizer))
     model = api.Model(cfg, tiny_params(cfg), single_device_mesh(), tokenizer)
     monkeypatch.setattr(api, "load_model", lambda name, **kwargs: model)
-    args = argparse.Namespace(model="tiny", prompt=["Hi there", "What is 2+2?"], n=2,
-                              temperature=1.0, top_p=0.9, top_k=20, max_new_tokens=5, seed=3,
-                              system=None)
+    args = parse_args(["generate", "tiny", "--prompt", "Hi there", "--prompt", "What is 2+2?",
+                       "-n", "2", "--top-p", "0.9", "--top-k", "20", "--max-new-tokens", "5",
+                       "--seed", "3"])  # the real parser: the options generate_cli may read
     assert sampler.generate_cli(args) == 0
     out, err = capsys.readouterr()
     headers = [line for line in out.splitlines() if line.startswith("=== prompt")]

@@ -397,8 +397,10 @@ def test_old_logprobs_from_the_sampler_equal_recomputed_ones(tmp_path):
     ctx = trainer.build_context(with_mode["recompute"])
     state, position = trainer.initial_state(ctx), ctx.data.state_dict()
     rollout, _ = trainer.collect_rollouts(ctx, state["params"], jax.random.key(0))
+    plan = trainer.mini_batch_rows(ctx, jax.random.key(1))
     old = {mode: np.asarray(trainer.prepare_batch(dataclasses.replace(ctx, config=c),
-                                                  state["params"], rollout)[0]["old_logp_bt"])
+                                                  state["params"], rollout, plan)[0][
+                                                      "old_logp_bt"])
            for mode, c in with_mode.items()}
     mask = rollout.response_mask
     assert mask.sum() >= 16 and np.std(old["recompute"][mask]) > 0.1  # a shift would show
@@ -422,6 +424,45 @@ def test_old_logprobs_from_the_sampler_equal_recomputed_ones(tmp_path):
     for key, value in metrics["recompute"].items():
         assert metrics["sampler"][key] == pytest.approx(
             value, rel=1e-4, abs=tolerance.get(key, 1e-5)), key
+
+
+@pytest.mark.parametrize("updates, auto_scores", [(1, [8]), (2, [8, 8])])
+def test_the_first_update_takes_old_logprobs_and_entropy_from_its_gradient_pass(
+        tmp_path, updates, auto_scores):
+    """old_logprobs=auto scores only the rows outside the step's first update (none with one
+    update; then the instrument's 8 rows, for its covariances): the first update's gradient pass
+    runs the rollout policy itself. The metrics are those of the full recomputation, the
+    entropy before the updates included."""
+    config = load_config(_config(tmp_path, train={"steps": 1, "mini_batch_prompts": 4 // updates}))
+    os.makedirs(config.train.run_dir)
+    assert config.train.updates_per_step == updates and config.train.old_logprobs == "auto"
+    with_mode = {mode: dataclasses.replace(config, train=dataclasses.replace(
+        config.train, old_logprobs=mode)) for mode in ("recompute", "auto")}
+    ctx = trainer.build_context(config)
+    state, position = trainer.initial_state(ctx), ctx.data.state_dict()
+    metrics, scored_rows = {}, {}
+    for mode, c in with_mode.items():
+        rows = scored_rows[mode] = []
+
+        def score(params, tokens_bt, mask_bt, score_fn=ctx.score_fn, rows=rows):
+            rows.append(tokens_bt.shape[0])
+            return score_fn(params, tokens_bt, mask_bt)
+        ctx.data.load_state_dict(position)  # the same prompts
+        _, step_metrics = trainer.rl_step(dataclasses.replace(ctx, config=c, score_fn=score),
+                                          trainer._copy_tree(state))  # the update donates
+        metrics[mode] = {k: v for k, v in _comparable([step_metrics])[0].items()
+                         if "compiles" not in k}
+    assert scored_rows == {"recompute": [16], "auto": auto_scores}
+    gap = {"rollout/sampler_logp_gap"} if updates == 1 else set()  # nothing scored to compare
+    assert metrics["recompute"].keys() - metrics["auto"].keys() == gap
+    assert metrics["auto"]["rollout/entropy"] == pytest.approx(
+        metrics["recompute"]["rollout/entropy"], abs=1e-6)
+    assert metrics["auto"]["actor/grad_norm"] > 0
+    metrics["auto"].pop("rollout/sampler_logp_gap", None)  # over the scored rows only
+    tolerance = {"entropy/dH_share_selected": 1e-3}  # near-ties: see the test above
+    for key, value in metrics["auto"].items():
+        assert value == pytest.approx(metrics["recompute"][key], rel=1e-5,
+                                      abs=tolerance.get(key, 1e-6)), key
 
 
 def test_eval_command_evaluates_the_latest_checkpoint_or_else_the_model(tmp_path, monkeypatch,

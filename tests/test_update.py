@@ -213,3 +213,33 @@ def test_update_rejects_ragged_micro_batches():
     with pytest.raises(ValueError, match="multiple of micro_batch_size"):
         make_update_fn(bigram_logprobs, optimizer(), algo, 3)(params, optimizer().init(params),
                                                              batch, jax.random.key(0))
+
+
+@pytest.mark.parametrize("loss", sorted(ALGOS))
+@pytest.mark.parametrize("micro_batch_size", [4, 2])  # one pass / selection pass + accumulation
+def test_on_policy_old_logprobs_from_the_gradient_pass(loss, micro_batch_size):
+    """old_logp_bt=None (one update per step: the trainer skips its scoring forward) gives the
+    update that the recomputed old log-probs give, and the skipped pass would have produced
+    exactly the gradient pass's log-probs: ratio 1, KL-Cov's penalty exactly 0."""
+    algo = ALGOS[loss]
+    params = bigram_init(4)
+    off_policy = make_batch(bigram_logprobs, params, 4, algo, seed=6)
+    recomputed, _ = jax.jit(bigram_logprobs)(params, off_policy.tokens_bt,
+                                             off_policy.attention_mask_bt)
+    update = make_update_fn(bigram_logprobs, optimizer(), algo, micro_batch_size, donate=False)
+    key = jax.random.key(3)
+    given = update(params, optimizer().init(params),
+                   off_policy.replace(old_logp_bt=recomputed), key, LEARNING_RATE)
+    from_pass = update(params, optimizer().init(params), off_policy.replace(old_logp_bt=None),
+                       key, LEARNING_RATE)
+    assert_same_update(from_pass[0], given[0], params)
+    assert given[2].keys() == from_pass[2].keys()
+    for name, value in given[2].items():
+        np.testing.assert_allclose(from_pass[2][name], value, rtol=1e-6, atol=1e-7, err_msg=name)
+    assert float(from_pass[2]["actor/abs_dlogp"]) == 0.0  # ratio exactly 1
+    if loss == "kl_cov":
+        assert float(from_pass[2]["kl_cov/penalized_frac"]) > 0
+        assert float(from_pass[2]["kl_cov/penalty"]) == 0.0
+    off = update(params, optimizer().init(params), off_policy, key, LEARNING_RATE)
+    assert relative_error(off[0]["dense_dd"] - params["dense_dd"],
+                          np.asarray(from_pass[0]["dense_dd"] - params["dense_dd"])) > 1e-3
